@@ -1,0 +1,1 @@
+"""flowsolve's own benchmarks: step-count sweeps (accuracy vs NFE) and, later, speed."""

@@ -1,0 +1,226 @@
+"""Step-count benchmark: error vs NFE for every registered solver on the analytic problems.
+
+ODE solvers: RMS over samples and dimensions of x_N - Phi(x_T), the exact flow map of the Gaussian
+problem (FORMULAS.md §3), the same x_T ~ p_{t_max} (exact) for every NFE. Float64, 1024 samples.
+
+SDE solvers: the sample mean and variance per dimension of x_N, started from exact draws of
+p_{t_max}, against the exact marginal p_{t_min}: error = RMS over dimensions of the per-dimension
+2-Wasserstein distance between N(mean_hat, var_hat) and N(mean, var), with its Monte-Carlo noise
+floor (the same statistic between the exact marginal and an exact sample of the same size).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+import flowsolve as fs
+
+from .problems import problems
+
+DEFAULT_NFE = [4, 6, 8, 10, 14, 20, 28, 40, 50, 70, 100, 140, 200]
+QUICK_NFE = [4, 10, 20, 50]
+ERROR_LEVELS = [1e-1, 1e-2, 1e-3]
+ODE_SAMPLES, SDE_SAMPLES = 1024, 20000
+SDE_T_MAX_RF = 0.99
+
+
+def steps_for(info, nfe: int) -> int:
+    return max(1, nfe // info.nfe_per_step)
+
+
+def ode_error(x: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((x - exact).pow(2).mean().sqrt())
+
+
+def w2_error(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> float:
+    """RMS over dimensions of W2(N(mean_hat, var_hat), N(mean, var)) per dimension."""
+    m_hat, v_hat = x.mean(0), x.var(0)
+    w2sq = (m_hat - mean) ** 2 + (v_hat.sqrt() - var.sqrt()) ** 2
+    return float(w2sq.mean().sqrt())
+
+
+def sweep_problem(problem, solver_names, nfes, n_ode, n_sde, seed, progress):
+    prob, path = problem.prob, problem.path
+    model = problem.model()
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    x_ode = prob.sample(n_ode, problem.t_max, generator=g, dtype=torch.float64)
+    exact_ode = prob.flow(x_ode, problem.t_max, problem.t_min)
+    for name in solver_names:
+        info = fs.get_solver(name).info
+        t_max = problem.t_max
+        if info.stochastic and path.name == "rectified_flow":
+            t_max = min(t_max, SDE_T_MAX_RF)
+        if info.stochastic:
+            x_init = prob.sample(n_sde, t_max, generator=g, dtype=torch.float64)
+            mean = prob.mean(problem.t_min).expand(problem.dim).to(torch.float64)
+            var = prob.var(problem.t_min).expand(problem.dim).to(torch.float64)
+            floor = w2_error(prob.sample(n_sde, problem.t_min, generator=g, dtype=torch.float64), mean, var)
+        for nfe_target in nfes:
+            steps = steps_for(info, nfe_target)
+            t0 = time.perf_counter()
+            try:
+                if info.stochastic:
+                    x, meta = fs.sample(model, x_init, solver=name, steps=steps, t_max=t_max, t_min=problem.t_min,
+                                        seed=seed + steps, return_info=True)
+                    err = w2_error(x, mean, var)
+                    extra = {"metric": "w2_marginal", "mc_floor": floor, "samples": n_sde}
+                else:
+                    x, meta = fs.sample(model, x_ode, solver=name, steps=steps, t_max=problem.t_max,
+                                        t_min=problem.t_min, return_info=True)
+                    err = ode_error(x, exact_ode)
+                    extra = {"metric": "rms_flow_map", "samples": n_ode}
+            except ValueError as e:  # a solver that cannot run this problem says why
+                rows.append({"problem": problem.name, "solver": name, "nfe": None, "steps": steps, "error": None,
+                             "skipped": str(e)})
+                break
+            if not math.isfinite(err):
+                err = float("inf")
+            rows.append({"problem": problem.name, "solver": name, "nfe": meta["nfe"], "steps": steps, "error": err,
+                         "seconds": time.perf_counter() - t0, "t_max": t_max, "t_min": problem.t_min, **extra})
+            if progress is not None:
+                progress.update(1)
+    return rows
+
+
+def nfe_to_reach(points, level):
+    """Smallest NFE at which the log-log interpolated error curve drops below ``level`` (None if never)."""
+    pts = sorted((r["nfe"], r["error"]) for r in points if r.get("error") is not None)
+    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
+        if e0 <= level:
+            return float(n0)
+        if e1 <= level and e0 > level and e0 > 0 and e1 > 0:
+            w = (math.log(level) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
+    if pts and pts[-1][1] <= level:
+        return float(pts[-1][0])
+    return None
+
+
+def error_at(points, nfe):
+    for r in points:
+        if r.get("nfe") == nfe:
+            return r["error"]
+    return None
+
+
+def _fmt(v, kind="err"):
+    if v is None:
+        return "—"
+    if kind == "nfe":
+        return f"{v:.0f}"
+    return f"{v:.2e}" if math.isfinite(v) else "diverged"
+
+
+def markdown_table(rows, problem_names, solver_names):
+    lines = ["| problem | solver | metric | err @ NFE 10 | err @ NFE 20 | err @ NFE 50 | "
+             + " | ".join(f"NFE to {lv:g}" for lv in ERROR_LEVELS) + " |",
+             "|" + "---|" * (6 + len(ERROR_LEVELS))]
+    for p in problem_names:
+        for s in solver_names:
+            pts = [r for r in rows if r["problem"] == p and r["solver"] == s and r.get("error") is not None]
+            skipped = [r for r in rows if r["problem"] == p and r["solver"] == s and "skipped" in r]
+            if not pts:
+                why = skipped[0]["skipped"][:60] + "…" if skipped else "no data"
+                lines.append(f"| {p} | {s} | — | {why} | | | " + " | " * len(ERROR_LEVELS))
+                continue
+            metric = pts[0]["metric"]
+            floor = f" (MC floor {pts[0]['mc_floor']:.1e})" if "mc_floor" in pts[0] else ""
+            cells = [_fmt(error_at(pts, n)) for n in (10, 20, 50)]
+            reach = [_fmt(nfe_to_reach(pts, lv), "nfe") for lv in ERROR_LEVELS]
+            lines.append(f"| {p} | {s} | {metric}{floor} | " + " | ".join(cells + reach) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, problem_names, solver_names, path_png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(problem_names), figsize=(6 * len(problem_names), 4.5), squeeze=False)
+    for ax, p in zip(axes[0], problem_names):
+        for s in solver_names:
+            pts = sorted((r["nfe"], r["error"]) for r in rows
+                         if r["problem"] == p and r["solver"] == s and r.get("error") is not None
+                         and math.isfinite(r["error"]) and r["error"] > 0)
+            if pts:
+                info = fs.get_solver(s).info
+                ax.loglog(*zip(*pts), marker="o", ms=3, ls="--" if info.stochastic else "-",
+                          label=f"{s} ({'SDE, W2 to marginal' if info.stochastic else 'ODE, RMS to flow map'})")
+        floors = [r["mc_floor"] for r in rows if r["problem"] == p and "mc_floor" in r]
+        if floors:
+            ax.axhline(floors[0], color="gray", lw=0.8, ls=":", label="SDE Monte-Carlo floor")
+        ax.set_title(p)
+        ax.set_xlabel("NFE (counted model calls)")
+        ax.set_ylabel("error")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=120)
+    plt.close(fig)
+
+
+def environment():
+    import triton  # noqa: F401  (installed with flowsolve on Linux)
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "triton": getattr(__import__("triton"), "__version__", None), "flowsolve": fs.__version__,
+        "device": "cpu", "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_cli(args) -> int:
+    all_problems = problems(args.seed)
+    names = list(all_problems) if not args.problems else [p.strip() for p in args.problems.split(",") if p.strip()]
+    for n in names:
+        if n not in all_problems:
+            raise SystemExit(f"unknown problem {n!r}; choose from {', '.join(all_problems)}")
+    solver_names = [s.name for s in fs.solvers()] if not args.solvers else [s.strip() for s in args.solvers.split(",")]
+    for s in solver_names:
+        fs.get_solver(s)  # clear error for unknown names
+    nfes = [int(v) for v in args.nfe.split(",")] if args.nfe else (QUICK_NFE if args.quick else DEFAULT_NFE)
+    if any(n <= 0 for n in nfes):
+        raise SystemExit("--nfe values must be positive integers")
+    n_ode, n_sde = (256, 4000) if args.quick else (ODE_SAMPLES, SDE_SAMPLES)
+    progress = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(names) * len(solver_names) * len(nfes), desc="bench steps", file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = []
+    for n in names:
+        rows += sweep_problem(all_problems[n], solver_names, nfes, n_ode, n_sde, args.seed, progress)
+    if progress is not None:
+        progress.close()
+    elapsed = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    table = markdown_table(rows, names, solver_names)
+    header = (f"flowsolve step-count benchmark — {datetime.date.today().isoformat()}, CPU ({platform.machine()}, "
+              f"{os.cpu_count()} cores), float64, seed {args.seed}, {elapsed:.0f} s\n")
+    md_path, png_path, json_path = (os.path.join(args.out, f) for f in ("steps.md", "steps.png", "steps.json"))
+    with open(md_path, "w") as fh:
+        fh.write(header + "\n" + table + "\n")
+    plot(rows, names, solver_names, png_path)
+    meta = {"environment": environment(), "problems": {n: all_problems[n].description for n in names},
+            "dtype": "float64", "seed": args.seed, "nfe": nfes, "ode_samples": n_ode, "sde_samples": n_sde,
+            "elapsed_s": elapsed, "rows": rows}
+    with open(json_path, "w") as fh:
+        json.dump(meta, fh, indent=1)
+    print(header)
+    print(table)
+    print(f"\nwrote {md_path}, {png_path}, {json_path}")
+    return 0
+

@@ -1,0 +1,15 @@
+"""flowsolve.kernels: the fused step-kernel family (Triton) and its pure-torch twins.
+
+Array math only: nothing here knows about schedules, models or solvers. Installed as
+``flowsolve.kernels`` (the repository keeps it at top level as ``kernels/``).
+"""
+from .backend import HAS_TRITON, interpreting, resolve_backend
+from .lincomb import MAX_INPUTS, lincomb, lincomb_torch
+from .philox import STREAM_INIT, STREAM_PROBE, STREAM_STEP, keyed_normal_torch, normal_, seed_tensor
+from .steps import euler_maruyama_step, euler_step, heun_step
+
+__all__ = [
+    "HAS_TRITON", "interpreting", "resolve_backend", "MAX_INPUTS", "lincomb", "lincomb_torch",
+    "normal_", "seed_tensor", "keyed_normal_torch", "STREAM_STEP", "STREAM_INIT", "STREAM_PROBE",
+    "euler_maruyama_step", "euler_step", "heun_step",
+]

@@ -1,0 +1,44 @@
+"""Shared test helpers: problems built from fs.analytic, a counting model wrapper, order fits."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import flowsolve as fs
+
+# (path factory, parameterization the model predicts): each pair can be evaluated on the whole grid
+PATH_MODELS = {
+    "vp-eps": (fs.paths.VP, "eps"),
+    "vp_cosine-eps": (fs.paths.VPCosine, "eps"),
+    "subvp-score": (fs.paths.SubVP, "score"),
+    "ve-eps": (fs.paths.VE, "eps"),
+    "edm-x0": (fs.paths.EDM, "x0"),
+    "rf-velocity": (fs.paths.RectifiedFlow, "velocity"),
+    "vp-v": (fs.paths.VP, "v"),
+}
+
+
+class Counting:
+    """Wraps a callable, counts calls and checks that t stays inside [t_lo, t_hi]."""
+
+    def __init__(self, fn, t_lo=-float("inf"), t_hi=float("inf")):
+        self.fn, self.calls, self.t_lo, self.t_hi = fn, 0, t_lo, t_hi
+
+    def __call__(self, x, t):
+        self.calls += 1
+        if bool((t < self.t_lo).any()) or bool((t > self.t_hi).any()):
+            raise AssertionError(f"model evaluated at t={t.min().item()}..{t.max().item()} outside "
+                                 f"[{self.t_lo}, {self.t_hi}]")
+        return self.fn(x, t)
+
+
+def gaussian_problem(key, mu, std):
+    path_cls, predicts = PATH_MODELS[key]
+    path = path_cls()
+    prob = fs.analytic.Gaussian(torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64), path)
+    return path, prob, fs.Model(getattr(prob, predicts), path, predicts=predicts)
+
+
+def fitted_order(nfes, errors) -> float:
+    """Least-squares slope of -log(error) against log(NFE)."""
+    return float(-np.polyfit(np.log(np.asarray(nfes, float)), np.log(np.asarray(errors, float)), 1)[0])
