@@ -92,17 +92,19 @@ def sweep_problem(problem, solver_names, nfes, n_ode, n_sde, seed, progress):
 
 
 def nfe_to_reach(points, level):
-    """Smallest NFE at which the log-log interpolated error curve drops below ``level`` (None if never)."""
+    """Smallest NFE from which the error stays <= ``level`` for every larger NFE of the sweep,
+    log-log interpolated between the last point above the level and the next (None if never)."""
     pts = sorted((r["nfe"], r["error"]) for r in points if r.get("error") is not None)
-    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
-        if e0 <= level:
-            return float(n0)
-        if e1 <= level and e0 > level and e0 > 0 and e1 > 0:
-            w = (math.log(level) - math.log(e0)) / (math.log(e1) - math.log(e0))
-            return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
-    if pts and pts[-1][1] <= level:
-        return float(pts[-1][0])
-    return None
+    if not pts or pts[-1][1] > level:
+        return None
+    above = [i for i, (_, e) in enumerate(pts) if e > level]
+    if not above:
+        return float(pts[0][0])
+    (n0, e0), (n1, e1) = pts[above[-1]], pts[above[-1] + 1]
+    if not (math.isfinite(e0) and e1 > 0):
+        return float(n1)
+    w = (math.log(level) - math.log(e0)) / (math.log(e1) - math.log(e0))
+    return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
 
 
 def error_at(points, nfe):
@@ -135,7 +137,9 @@ def markdown_table(rows, problem_names, solver_names):
             metric = pts[0]["metric"]
             floor = f" (MC floor {pts[0]['mc_floor']:.1e})" if "mc_floor" in pts[0] else ""
             cells = [_fmt(error_at(pts, n)) for n in (10, 20, 50)]
-            reach = [_fmt(nfe_to_reach(pts, lv), "nfe") for lv in ERROR_LEVELS]
+            floor_value = pts[0].get("mc_floor", 0.0)
+            # an SDE error level within 2x the Monte-Carlo floor cannot be told from noise
+            reach = ["< 2x MC floor" if lv < 2 * floor_value else _fmt(nfe_to_reach(pts, lv), "nfe") for lv in ERROR_LEVELS]
             lines.append(f"| {p} | {s} | {metric}{floor} | " + " | ".join(cells + reach) + " |")
     return "\n".join(lines)
 

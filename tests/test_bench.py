@@ -1,0 +1,45 @@
+"""The benchmark's own arithmetic, checked against independent answers."""
+import math
+
+import torch
+
+import flowsolve as fs
+from bench import steps as B
+from bench.problems import problems
+
+
+def test_ode_error_reproduces_closed_form_euler_error():
+    """Euler on the linear PF-ODE of Gaussian data is an affine recursion with known factors:
+    x_{n+1} = (1 + h_n a_n) x_n - h_n g2_n alpha_n mu / (2 C_n), a_n = f_n + g2_n / (2 C_n)
+    (FORMULAS.md §2-3, written out here without the library's Model or kernels). The benchmark's
+    error must equal the RMS distance of that recursion's output to the exact flow map."""
+    p = problems()["gaussian-vp"]
+    prob, path = p.prob, p.path
+    x_T = prob.sample(64, p.t_max, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    steps = 7
+    exact = prob.flow(x_T, p.t_max, p.t_min)
+    measured = B.ode_error(fs.sample(p.model(), x_T, solver="euler", steps=steps), exact)
+    grid = fs.grids.make_grid(None, path, steps)
+    x = x_T.clone()
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        h, c = t1 - t0, path.alpha(t0) ** 2 * prob.std**2 + path.sigma(t0) ** 2
+        x = (1 + h * (path.f(t0) + path.g2(t0) / (2 * c))) * x - h * path.g2(t0) * path.alpha(t0) * prob.mu / (2 * c)
+    closed = float((x - exact).pow(2).mean().sqrt())
+    assert measured > 1e-3  # a real discretization error, not rounding
+    assert math.isclose(measured, closed, rel_tol=1e-9)
+
+
+def test_w2_error_is_zero_for_matching_moments_and_exact_for_a_shift():
+    x = torch.tensor([[0.0], [2.0]], dtype=torch.float64)  # mean 1, unbiased var 2
+    f64 = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    assert B.w2_error(x, f64(1.0), f64(2.0)) == 0.0
+    assert math.isclose(B.w2_error(x, f64(0.5), f64(2.0)), 0.5)
+    assert math.isclose(B.w2_error(x, f64(1.0), f64(0.5)), math.sqrt(2) - math.sqrt(0.5))
+
+
+def test_nfe_to_reach_uses_the_last_crossing():
+    pts = [{"nfe": 4, "error": 0.05}, {"nfe": 8, "error": 0.2}, {"nfe": 16, "error": 0.1}, {"nfe": 32, "error": 0.01}]
+    assert math.isclose(B.nfe_to_reach(pts, 0.1), 16.0)  # not 4: the error rises above 0.1 again at 8
+    mid = B.nfe_to_reach(pts, math.sqrt(0.1 * 0.01))  # halfway in log between 16 and 32
+    assert math.isclose(mid, math.sqrt(16 * 32))
+    assert B.nfe_to_reach(pts, 1e-3) is None
