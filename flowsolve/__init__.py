@@ -9,28 +9,23 @@ from __future__ import annotations
 
 
 def _import_kernels():
-    """``flowsolve.kernels``: installed from the top-level ``kernels/`` folder (setup.py package_dir).
+    """``flowsolve.kernels``: the top-level ``kernels/`` folder, installed as ``flowsolve.kernels``.
 
-    Run from a source checkout without installing, the folder is loaded from the repository root.
+    In a source checkout (run in place, or installed editable) the folder beside this package is
+    loaded, so that the package and its kernels always come from the same tree.
     """
     import importlib
     import importlib.util
     import os
     import sys
 
-    try:
-        return importlib.import_module(__name__ + ".kernels")
-    except ModuleNotFoundError as e:
-        if e.name != __name__ + ".kernels":
-            raise
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    spec = importlib.util.spec_from_file_location(
-        __name__ + ".kernels", os.path.join(src, "__init__.py"), submodule_search_locations=[src]
-    )
-    if spec is None:
-        raise ImportError("flowsolve.kernels is missing: reinstall flowsolve (pip install .)")
+    name = __name__ + ".kernels"
+    if not os.path.isfile(os.path.join(src, "__init__.py")) or os.path.isdir(os.path.join(os.path.dirname(__file__), "kernels")):
+        return importlib.import_module(name)  # an installed wheel: flowsolve/kernels/
+    spec = importlib.util.spec_from_file_location(name, os.path.join(src, "__init__.py"), submodule_search_locations=[src])
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

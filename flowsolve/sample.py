@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import grids as _grids
-from .kernels import STREAM_INIT, lincomb, normal_, resolve_backend, seed_tensor
+from .kernels import STREAM_INIT, STREAM_STEP, lincomb, normal_, resolve_backend, seed_tensor
 from .model import Model
 from .solvers.base import Plan, get_solver
 
@@ -30,6 +30,7 @@ class Run:
         self.seed = seed
         self.nfe = 0
         self._buffers: dict[str, torch.Tensor] = {}
+        self._history: dict[str, list[torch.Tensor]] = {}
         self._n = 0
 
     def buffer(self, name: str) -> torch.Tensor:
@@ -37,6 +38,19 @@ class Run:
         if name not in self._buffers:
             self._buffers[name] = torch.empty_like(self.x)
         return self._buffers[name]
+
+    def push(self, key: str, depth: int, inputs, table: str) -> torch.Tensor:
+        """Write ``combine(inputs, table)`` into history ``key`` as its newest entry (lag 0), keeping
+        ``depth`` entries: the oldest buffer is reused, so a multistep history allocates once."""
+        hist = self._history.setdefault(key, [])
+        slot = hist.pop() if len(hist) >= depth else torch.empty_like(self.x)
+        self.combine(slot, inputs, table)
+        hist.insert(0, slot)
+        return slot
+
+    def past(self, key: str, lag: int) -> torch.Tensor:
+        """History entry ``lag`` steps back (0 = newest)."""
+        return self._history[key][lag]
 
     def evaluate(self, x: torch.Tensor, col: int) -> torch.Tensor:
         """The raw model output at the planned time ``t_eval[step, col]``, as a [B] time tensor."""
@@ -50,10 +64,11 @@ class Run:
             )
         return out
 
-    def combine(self, out: torch.Tensor, inputs, table: str, noise: bool = False) -> torch.Tensor:
-        """``out = sum_i C[step, i] inputs[i] (+ C[step, K] z)`` with the fused kernel."""
+    def combine(self, out: torch.Tensor, inputs, table: str, noise: bool = False, stream: int = STREAM_STEP) -> torch.Tensor:
+        """``out = sum_i C[step, i] inputs[i] (+ C[step, K] z)`` with the fused kernel; a solver drawing
+        several noises in one step gives each its own ``stream`` (STREAM_STEP + 8, + 9, ...)."""
         return lincomb(out, inputs, self.tables[table], self.step_index, self.seed if noise else None,
-                       sample_offset=self.sample_offset, backend=self.backend)
+                       sample_offset=self.sample_offset, stream=stream, backend=self.backend)
 
     def advance(self):
         self.step_index.add_(1)

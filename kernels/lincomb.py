@@ -21,7 +21,7 @@ import torch
 from .backend import HAS_TRITON, resolve_backend
 from .philox import STREAM_STEP, _check_keys, keyed_normal_like_torch
 
-MAX_INPUTS = 6
+MAX_INPUTS = 8
 
 if HAS_TRITON:
     import triton
@@ -35,7 +35,7 @@ if HAS_TRITON:
         return acc + c * tl.load(t_ptr + offs, mask=mask, other=0.0).to(c.dtype)
 
     @triton.jit
-    def _lincomb_kernel(out_ptr, t0, t1, t2, t3, t4, t5, coef_ptr, coef_stride, step_ptr, seed_ptr,
+    def _lincomb_kernel(out_ptr, t0, t1, t2, t3, t4, t5, t6, t7, coef_ptr, coef_stride, step_ptr, seed_ptr,
                         sample_offset, numel, per_sample,
                         STREAM: tl.constexpr, K: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow past 2^31
@@ -54,6 +54,10 @@ if HAS_TRITON:
             acc = _term(acc, row, 4, t4, offs, mask)
         if K > 5:
             acc = _term(acc, row, 5, t5, offs, mask)
+        if K > 6:
+            acc = _term(acc, row, 6, t6, offs, mask)
+        if K > 7:
+            acc = _term(acc, row, 7, t7, offs, mask)
         if HAS_NOISE:
             seed = tl.load(seed_ptr)
             z = keyed_normal(seed, offs // per_sample + sample_offset, step, offs % per_sample, STREAM)
@@ -128,7 +132,7 @@ def lincomb(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREA
 
     Args:
         out: contiguous output tensor ``[B, ...]`` (any float dtype; cast on store). May alias an input.
-        inputs: 1..6 tensors shaped like ``out`` (non-contiguous ones are copied for the Triton backend).
+        inputs: 1..8 tensors shaped like ``out`` (non-contiguous ones are copied for the Triton backend).
         coef: ``[n_rows, K+1]`` float32/float64 table on ``out.device``; its dtype is the accumulation dtype.
             A table expanded from one row (row stride 0) serves every step with that row.
         step: one-element int64 device tensor, the row to read (also the noise key's step).
