@@ -4,6 +4,7 @@ Array math only: nothing here knows about schedules, models or solvers. Installe
 ``flowsolve.kernels`` (the repository keeps it at top level as ``kernels/``).
 """
 from .backend import HAS_TRITON, interpreting, resolve_backend
+from .hutchinson import PROBES, hutchinson_accumulate, hutchinson_accumulate_torch, probes_
 from .lincomb import MAX_INPUTS, lincomb, lincomb_torch
 from .philox import STREAM_INIT, STREAM_PROBE, STREAM_STEP, keyed_normal_torch, normal_, seed_tensor
 from .steps import euler_maruyama_step, euler_step, heun_step
@@ -12,4 +13,5 @@ __all__ = [
     "HAS_TRITON", "interpreting", "resolve_backend", "MAX_INPUTS", "lincomb", "lincomb_torch",
     "normal_", "seed_tensor", "keyed_normal_torch", "STREAM_STEP", "STREAM_INIT", "STREAM_PROBE",
     "euler_maruyama_step", "euler_step", "heun_step",
+    "PROBES", "probes_", "hutchinson_accumulate", "hutchinson_accumulate_torch",
 ]
