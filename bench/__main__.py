@@ -21,6 +21,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("likelihood", help="log-likelihood cost: Hutchinson / exact / bare ODE solve (see bench/likelihood.py)",
+                   add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "likelihood":
+        from .likelihood import main as likelihood_main
+
+        return likelihood_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.command == "steps":
         from .steps import run_cli

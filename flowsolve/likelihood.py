@@ -27,13 +27,15 @@ Divergence:
   reported as NaN.
 * ``"auto"``: exact for D <= ``AUTO_EXACT_MAX_DIM`` (64), Hutchinson above.
 
-When is exact the better buy? A Hutchinson estimate is unbiased, but a single sample's error is
-O(||M||_F / sqrt(k)) with M the trajectory-integrated Jacobian: ~1.5 nats at D = 16 with one probe
-on the analytic Gaussians, while the exact trace at NFE 50 is within 1e-4 of the closed form. For
-per-sample log-densities (ranking, anomaly scores, anything but a dataset average), use exact
-divergence whenever D backward passes per evaluation are affordable (D up to a few hundred for
-small networks; see bench/results/likelihood.md); Hutchinson is the buy for dataset-level averages
-(bits/dim over N samples: its noise averages down as 1/sqrt(N k)) and for large D (images).
+When is exact the better buy? A Hutchinson estimate is unbiased, but with the probe held fixed along
+the trajectory a sample's error is z^T M z - tr M (M the trajectory-integrated Jacobian), of variance
+2 (||M||_F^2 - sum_i M_ii^2) / k for Rademacher probes (FORMULAS.md §7) at ANY number of steps: 3.2
+nats RMS with one probe on a D = 16 Gaussian with a full covariance, against 3.0e-4 (NFE 32) and
+1.5e-5 (NFE 64) for the exact trace with RK4 (bench/results/likelihood.md). For per-sample
+log-densities (ranking, anomaly scores, anything but a dataset average) use exact divergence whenever
+D backward passes per evaluation are affordable (on CPU one exact evaluation costs about D forward
+passes, one probe about 2.4: ~25x at D = 64, ~1300x at D = 3072); Hutchinson is the buy for
+dataset-level averages (bits/dim over N samples: its noise averages down as 1/sqrt(N k)) and large D.
 
 Integrators (time runs upward, t_min -> t_max): fixed-grid ``"euler"``, ``"midpoint"``, ``"heun"``,
 ``"rk4"`` (grids from ``flowsolve.grids``, flipped; coefficients planned once in float64 into device
@@ -71,7 +73,8 @@ DIVERGENCES = ("auto", "exact", "hutchinson")
 EXACT_METHODS = ("vjp", "jacrev")
 PROBE_KINDS = ("rademacher", "gaussian")
 AUTO_EXACT_MAX_DIM = 64
-_EXACT_CHUNK_ELEMS = 1 << 22  # basis-vector chunk: at most ~4M elements of batched VJP output at once
+_EXACT_CHUNK = 16  # basis vectors per batched VJP: fastest or within 10% of it on CPU for D = 16..256 (bench)
+_EXACT_CHUNK_ELEMS = 1 << 22  # and at most ~4M elements of batched VJP output at once
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ class _Field:
 
     def _exact_vjp(self, raw, xg) -> torch.Tensor:
         b, d = self.batch, self.dim
-        chunk = self.chunk or max(1, min(d, _EXACT_CHUNK_ELEMS // max(1, b * d)))
+        chunk = self.chunk or max(1, min(d, _EXACT_CHUNK, _EXACT_CHUNK_ELEMS // max(1, b * d)))
         div = torch.zeros(b, dtype=xg.dtype, device=xg.device)
         for s in range(0, d, chunk):
             e = min(d, s + chunk)
@@ -444,7 +447,8 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         rtol, atol, h0, max_steps: adaptive solvers: tolerances, first step (default: Hairer's
             heuristic), and the limit on attempted steps (a RuntimeError names the fix when reached).
         exact_method: "vjp" (batched VJPs with basis vectors) | "jacrev" (torch.func vmap(jacrev)).
-        chunk: basis vectors per batched VJP / jacrev chunk (default: bounded by ~4M elements).
+        chunk: basis vectors per batched VJP / jacrev chunk (default: 16, fewer if the batched VJP output
+            would exceed ~4M elements; jacrev: all at once).
         sample_offset: global index of x[0] (for sharded batches: keys the probes).
         backend: "auto" | "torch" | "triton" for the fused kernels.
         return_info: also return a dict: nfe (model forwards), vjps (backward passes), steps, rejected,

@@ -128,7 +128,7 @@ class VP(_LinearBetaMixin, GaussianPath):
         self.t_min, self.t_max = float(t_min), float(t_max)
 
     def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+        return torch.sqrt(torch.abs(torch.expm1(2.0 * self.log_alpha(t))))  # abs: no -0.0 at t = 0
 
     def d_sigma(self, t):
         # sigma sigma' = -alpha alpha' = -alpha^2 f
@@ -171,9 +171,9 @@ class SubVP(_LinearBetaMixin, GaussianPath):
 
     def t_of_lambda(self, lam):
         lam = _as_tensor(lam)
-        # alpha / (1 - alpha^2) = e^lam  =>  alpha = 2 e^lam / (1 + sqrt(1 + 4 e^(2 lam)))
-        e = torch.exp(lam)
-        alpha = 2.0 * e / (1.0 + torch.sqrt(1.0 + 4.0 * e * e))
+        # alpha / (1 - alpha^2) = e^lam  =>  alpha = 2 / (e^-lam + sqrt(e^(-2 lam) + 4)), finite at +-inf
+        e = torch.exp(-lam)
+        alpha = 2.0 / (e + torch.sqrt(e * e + 4.0))
         return self._t_of_half_int_beta(-torch.log(alpha))
 
 
@@ -203,7 +203,8 @@ class VPCosine(GaussianPath):
         return -torch.tan(self._phi(t)) * (math.pi / 2.0 / (1.0 + self.s))
 
     def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+        # abs: at t = 0, -expm1(-0.0) is -0.0 and sqrt(-0.0) = -0.0 would flip the sign of 1/sigma
+        return torch.sqrt(torch.abs(torch.expm1(2.0 * self.log_alpha(t))))
 
     def d_sigma(self, t):
         t = _as_tensor(t)

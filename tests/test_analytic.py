@@ -186,6 +186,9 @@ def test_log_prob_matches_scipy(prob, frac):
              for wk, m, s in zip(w, means, stds)]
     ref = logsumexp(np.stack(comps, 0).reshape(len(w), -1), axis=0)
     np.testing.assert_allclose(p.log_prob(x, t).numpy(), ref, rtol=1e-12, atol=1e-12)
+    if kind == "gaussian":  # the marginal moments, built here from alpha, sigma: a few ulps apart
+        np.testing.assert_allclose(p.mean(t).numpy(), al * means[0], rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(p.var(t).numpy(), al**2 * stds[0] ** 2 + si**2, rtol=1e-14)
 
 
 def test_mixture_density_integrates_to_one_with_the_stated_moments():
@@ -477,3 +480,123 @@ def test_valid_shorthand_inputs():
     assert m.stds.tolist() == [[0.5, 0.5], [2.0, 2.0]] and m.weights.tolist() == [0.25, 0.75]
     m = A.GaussianMixture([[0.0, 0.0], [1.0, 1.0]], 0.7, [1.0, 1.0], vp)
     assert bool((m.stds == 0.7).all()) and m.stds.shape == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------- full covariance
+def _rotated(path, d=4, seed=0):
+    g = _gen(seed)
+    mu = torch.randn(d, generator=g, dtype=F64)
+    std = 0.2 + 1.3 * torch.rand(d, generator=g, dtype=F64)
+    rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64)).Q
+    return A.Gaussian(mu, std, path, rotation=rot), rot @ torch.diag(std**2) @ rot.T
+
+
+@given(name=st.sampled_from(NAMES), frac=st.floats(0.02, 0.98))
+def test_rotated_gaussian_log_prob_and_score_match_scipy_and_autograd(name, frac):
+    """p_t = N(alpha mu, alpha^2 Sigma + sigma^2 I) with a full Sigma: scipy's logpdf; score = autograd of log_prob;
+    the §2 identities between the parameterizations hold."""
+    path = PATHS[name]
+    prob, sigma0 = _rotated(path)
+    t = _t(path, frac)
+    al, si, f, g2 = _coef(path, t)
+    cov = al**2 * sigma0 + si**2 * torch.eye(4, dtype=F64)
+    torch.testing.assert_close(prob.cov(t), cov, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prob.var(t), torch.diagonal(cov), rtol=1e-12, atol=1e-12)
+    x = prob.sample(16, t, generator=_gen(1), dtype=F64)
+    ref = stats.multivariate_normal(mean=(al * prob.mu).numpy(), cov=cov.numpy()).logpdf(x.numpy())
+    np.testing.assert_allclose(prob.log_prob(x, t).numpy(), ref, rtol=1e-10)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(prob.log_prob(xg, t).sum(), xg)
+    sc = prob.score(x, t)
+    torch.testing.assert_close(sc, grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sc, -(x - al * prob.mu) @ torch.linalg.inv(cov), rtol=1e-9, atol=1e-9)
+    kw = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(prob.eps(x, t), -si * sc, **kw)
+    if al > 1e-3:
+        torch.testing.assert_close(prob.x0(x, t), (x + si**2 * sc) / al, **kw)
+    torch.testing.assert_close(prob.v(x, t), al * prob.eps(x, t) - si * prob.x0(x, t), **kw)
+    if math.isfinite(f) and math.isfinite(g2):
+        torch.testing.assert_close(prob.velocity(x, t), f * x - g2 / 2 * sc, **kw)
+
+
+@pytest.mark.parametrize("name", ["vp", "rf", "edm"])
+def test_rotated_gaussian_flow_map_matches_rk4_and_jacobians_match_autograd(name):
+    """Flow map vs RK4 (4000 steps); jacobian(t) vs the autograd Jacobian of velocity; divergence = its trace;
+    integrated_jacobian vs composite Simpson quadrature of jacobian(t) (2000 panels) and its trace = the
+    log-determinant of the flow map's Jacobian (FORMULAS.md §6)."""
+    path = PATHS[name]
+    prob, _ = _rotated(path, seed=3)
+    a, b = (path.t_max * 0.9 if name != "edm" else 10.0), path.t_min + 0.05
+    x = prob.sample(6, a, generator=_gen(4), dtype=F64)
+    n, y = 4000, x.clone()
+    h = (b - a) / n
+    for i in range(n):
+        t = a + i * h
+        k1 = prob.velocity(y, t)
+        k2 = prob.velocity(y + h / 2 * k1, t + h / 2)
+        k3 = prob.velocity(y + h / 2 * k2, t + h / 2)
+        k4 = prob.velocity(y + h * k3, t + h)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    torch.testing.assert_close(prob.flow(x, a, b), y, rtol=1e-8, atol=1e-8)
+    t = 0.5 * (a + b)
+    jac = torch.autograd.functional.jacobian(lambda v: prob.velocity(v[None], t)[0], x[0])
+    torch.testing.assert_close(prob.jacobian(t), jac, rtol=1e-10, atol=1e-10)
+    assert float(prob.divergence(t)) == pytest.approx(float(torch.trace(jac)), rel=1e-10)
+    m = 2000
+    ts = torch.linspace(b, a, 2 * m + 1, dtype=F64)
+    w = torch.ones(2 * m + 1, dtype=F64)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    quad = sum(wi * prob.jacobian(ti) for wi, ti in zip(w, ts)) * (a - b) / (6 * m)
+    big = prob.integrated_jacobian(b, a)
+    torch.testing.assert_close(big, quad, rtol=1e-8, atol=1e-8)
+    flow_jac = torch.autograd.functional.jacobian(lambda v: prob.flow(v[None], b, a)[0], x[0])
+    assert float(torch.trace(big)) == pytest.approx(float(torch.linalg.slogdet(flow_jac)[1]), rel=1e-12)
+
+
+def test_rotated_gaussian_sampler_covariance_within_5_sigma():
+    """Sample covariance entries vs cov(t): Var of a sample covariance entry is (C_ii C_jj + C_ij^2) / n."""
+    prob, _ = _rotated(PATHS["vp"], seed=5)
+    t, n = 0.2, 40000
+    x = prob.sample(n, t, generator=_gen(6), dtype=F64)
+    cov = prob.cov(t)
+    d = torch.diagonal(cov)
+    assert bool(((x.mean(0) - prob.mean(t)).abs() <= C * (d / n).sqrt()).all())
+    emp = torch.cov(x.T)
+    bound = C * ((d[:, None] * d[None, :] + cov**2) / n).sqrt()
+    assert bool(((emp - cov).abs() <= bound).all())
+
+
+def test_from_covariance_and_identity_rotation():
+    vp = PATHS["vp"]
+    prob, sigma0 = _rotated(vp, seed=7)
+    again = A.Gaussian.from_covariance(prob.mu, sigma0, vp)
+    for t in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(again.cov(t), prob.cov(t), rtol=1e-12, atol=1e-12)
+    x = prob.sample(5, 0.3, generator=_gen(8), dtype=F64)
+    torch.testing.assert_close(again.log_prob(x, 0.3), prob.log_prob(x, 0.3), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again.velocity(x, 0.3), prob.velocity(x, 0.3), rtol=1e-10, atol=1e-10)
+    plain = _gauss(vp)
+    ident = A.Gaussian(plain.mu, plain.std, vp, rotation=torch.eye(3, dtype=F64))
+    x = plain.sample(5, 0.4, generator=_gen(9), dtype=F64)
+    for fn in ("score", "eps", "x0", "v", "velocity"):
+        torch.testing.assert_close(getattr(ident, fn)(x, 0.4), getattr(plain, fn)(x, 0.4), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(ident.flow(x, 0.4, 0.1), plain.flow(x, 0.4, 0.1), rtol=1e-14, atol=1e-14)
+    # image-shaped events: the rotation acts on the flattened event
+    img = A.Gaussian(torch.zeros(2, 2, dtype=F64), torch.tensor([[0.5, 1.0], [1.5, 2.0]], dtype=F64), vp,
+                     rotation=torch.linalg.qr(torch.randn(4, 4, generator=_gen(10), dtype=F64)).Q)
+    xi = img.sample(3, 0.5, generator=_gen(11), dtype=F64)
+    assert xi.shape == (3, 2, 2) and img.velocity(xi, 0.5).shape == (3, 2, 2) and img.log_prob(xi, 0.5).shape == (3,)
+
+
+def test_rotation_and_covariance_bad_input():
+    vp = PATHS["vp"]
+    with pytest.raises(ValueError, match="rotation has shape"):
+        A.Gaussian([0.0, 1.0], [1.0, 1.0], vp, rotation=torch.eye(3, dtype=F64))
+    with pytest.raises(ValueError, match="rotation is not orthogonal"):
+        A.Gaussian([0.0, 1.0], [1.0, 1.0], vp, rotation=torch.tensor([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="cov must be symmetric"):
+        A.Gaussian.from_covariance([0.0, 1.0], torch.tensor([[1.0, 0.5], [0.0, 1.0]]), vp)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        A.Gaussian.from_covariance([0.0, 1.0], torch.tensor([[1.0, 2.0], [2.0, 1.0]]), vp)
+    with pytest.raises(ValueError, match="cov has shape"):
+        A.Gaussian.from_covariance([0.0, 1.0], torch.eye(3), vp)

@@ -43,3 +43,11 @@ def test_nfe_to_reach_uses_the_last_crossing():
     mid = B.nfe_to_reach(pts, math.sqrt(0.1 * 0.01))  # halfway in log between 16 and 32
     assert math.isclose(mid, math.sqrt(16 * 32))
     assert B.nfe_to_reach(pts, 1e-3) is None
+
+
+def test_error_at_interpolates_in_log_log():
+    pts = [{"nfe": 8, "error": 1e-2}, {"nfe": 12, "error": 1e-3}]
+    assert B.error_at(pts, 8) == 1e-2
+    w = math.log(10 / 8) / math.log(12 / 8)
+    assert math.isclose(B.error_at(pts, 10), math.exp(math.log(1e-2) + w * math.log(0.1)))
+    assert B.error_at(pts, 20) is None

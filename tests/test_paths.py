@@ -119,7 +119,7 @@ def test_derivatives_match_autograd(name, frac):
     assert abs(float(p.g2(t.detach())) - (terms[0] - terms[1])) <= 1e-12 * (abs(terms[0]) + abs(terms[1])), name
 
 
-@given(name=st.sampled_from(NAMES), frac=st.floats(0.0, 1.0))
+@given(name=st.sampled_from(NAMES), frac=st.floats(0.0, 1.0, exclude_min=True, exclude_max=True))
 def test_t_of_lambda_inverts_lambda(name, frac):
     """t_of_lambda(lam(t)) == t to 1e-10 relative, or to the conditioning of the round trip where that is
     larger: lam carries an absolute rounding error ~ eps (|log alpha| + |log sigma| + 1), which moves the

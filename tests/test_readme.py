@@ -14,7 +14,7 @@ def test_quick_start_runs_and_prints_what_it_says(capsys):
     assert info["nfe"] == 20
     assert x.shape == (16, 2)
     out = capsys.readouterr().out
-    assert "['ddim', 'euler', 'euler_maruyama', 'heun']" in out
+    assert "['ancestral', 'ddim', 'dpm++2m', 'dpm++2m-sde']" in out
 
 
 def test_ci_runs_the_readme_test_command():
