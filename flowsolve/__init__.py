@@ -36,6 +36,7 @@ from . import analytic, grids, paths, solvers as _solvers_pkg  # noqa: E402
 from .model import PREDICTS, Model  # noqa: E402
 from .sample import Sampler, sample  # noqa: E402
 from . import likelihood  # noqa: E402
+from .langevin import annealed_langevin, langevin  # noqa: E402
 from .likelihood import bits_per_dim, dequantize, log_likelihood  # noqa: E402
 from .solvers import Solver, SolverInfo, get_solver, register  # noqa: E402
 from .solvers import solvers  # noqa: E402
@@ -43,4 +44,4 @@ from .solvers import solvers  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["Model", "PREDICTS", "sample", "Sampler", "solvers", "Solver", "SolverInfo", "get_solver", "register",
            "paths", "grids", "analytic", "kernels",
-           "log_likelihood", "bits_per_dim", "dequantize", "likelihood"]
+           "log_likelihood", "bits_per_dim", "dequantize", "likelihood", "langevin", "annealed_langevin"]
