@@ -140,3 +140,52 @@ def test_weak_error_shrinks_at_nominal_rate(kind, name):
 
     slope = -np.polyfit(np.log(steps_list), np.log(errs), 1)[0]
     assert slope >= fs.get_solver(name).info.order - 0.15, (errs, slope)
+
+
+def _edm_law(steps, churn, s_tmin, s_tmax, s_noise, x_T):
+    """Karras et al. 2022 Alg. 2 on the EDM path written out for D(x; s) = mu + std^2 (x - mu)/(std^2 + s^2):
+    dx/ds = (x - D)/s = k(s) (x - mu), k(s) = s / (std^2 + s^2), an affine recursion per dimension."""
+    grid = [float(v) for v in fs.grids.make_grid("edm", fs.paths.EDM(), steps)]
+    k = lambda s: s / (STD**2 + s * s)  # noqa: E731
+    mean, var = x_T.clone(), torch.zeros(2, dtype=torch.float64)
+    for i in range(steps):
+        s, s_next = grid[i], grid[i + 1]
+        gamma = min(churn / steps, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
+        s_hat = s * (1 + gamma)
+        var = var + (s_hat**2 - s**2) * s_noise**2  # x_hat = x + sqrt(s_hat^2 - s^2) S_noise z
+        h = s_next - s_hat
+        # Heun on y = x - mu: y' = y + h k(s_hat) y;  y_next = y + h/2 (k(s_hat) y + k(s_next) y')
+        f = 1 + h / 2 * (k(s_hat) + k(s_next) * (1 + h * k(s_hat)))
+        mean = MU + f * (mean - MU)
+        var = f * f * var
+    return mean, var
+
+
+@pytest.mark.parametrize("steps", [5, 18])
+@pytest.mark.parametrize("churn,s_noise", [(40.0, 1.003), (10.0, 1.0)])
+def test_edm_stochastic_matches_exact_law_of_algorithm_2(steps, churn, s_noise):
+    from flowsolve.solvers import EDMStochastic
+
+    path = fs.paths.EDM()
+    prob = fs.analytic.Gaussian(MU, STD, path)
+    model = fs.Model(prob.x0, path, predicts="x0")
+    n = 20000
+    x_T = torch.tensor([3.0, -20.0], dtype=torch.float64)
+    solver = EDMStochastic(s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=s_noise)
+    x, info = fs.sample(model, x_T.expand(n, 2), solver=solver, steps=steps, grid="edm", seed=4, return_info=True)
+    assert info["nfe"] == 2 * steps
+    mean, var = _edm_law(steps, churn, 0.05, 50.0, s_noise, x_T)
+    assert bool(((x.mean(0) - mean).abs() <= C * (var / n).sqrt()).all()), (x.mean(0), mean)
+    assert bool(((x.var(0) - var).abs() <= C * var * math.sqrt(2.0 / (n - 1))).all()), (x.var(0), var)
+
+
+def test_edm_stochastic_without_churn_is_heun():
+    from flowsolve.solvers import EDMStochastic
+
+    path = fs.paths.EDM()
+    prob = fs.analytic.Gaussian(MU, STD, path)
+    model = fs.Model(prob.x0, path, predicts="x0")
+    x_T = prob.sample(16, path.t_max, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = fs.sample(model, x_T, solver=EDMStochastic(s_churn=0.0), steps=7)
+    b = fs.sample(model, x_T, solver="heun", steps=7)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)

@@ -8,8 +8,9 @@ from .runge_kutta import RK4, ButcherTableau, Midpoint, RungeKutta
 from .dpm_solver import DPMSolver2, DPMSolver3
 from .dpm_solver_pp import DPMSolverPP2M, DPMSolverPP3M
 from .ancestral import Ancestral
+from .edm_sde import EDMStochastic
 from .dpm_solver_pp_sde import DPMSolverPP2MSDE, DPMSolverPP3MSDE
 
 __all__ = ["Plan", "Solver", "SolverInfo", "get_solver", "register", "solvers", "DDIM", "Euler", "EulerMaruyama", "Heun",
            "RK4", "Midpoint", "RungeKutta", "ButcherTableau", "DPMSolver2", "DPMSolver3", "DPMSolverPP2M", "DPMSolverPP3M",
-           "Ancestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE"]
+           "Ancestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "EDMStochastic"]
