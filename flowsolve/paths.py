@@ -171,10 +171,8 @@ class SubVP(_LinearBetaMixin, GaussianPath):
 
     def t_of_lambda(self, lam):
         lam = _as_tensor(lam)
-        # alpha / (1 - alpha^2) = e^lam  =>  alpha = 2 / (e^-lam + sqrt(e^(-2 lam) + 4)), finite at +-inf
-        e = torch.exp(-lam)
-        alpha = 2.0 / (e + torch.sqrt(e * e + 4.0))
-        return self._t_of_half_int_beta(-torch.log(alpha))
+        # alpha / (1 - alpha^2) = e^lam  <=>  sinh(-log alpha) = e^-lam / 2: exact near alpha = 1, finite at +-inf
+        return self._t_of_half_int_beta(torch.asinh(0.5 * torch.exp(-lam)))
 
 
 class VPCosine(GaussianPath):
@@ -196,8 +194,11 @@ class VPCosine(GaussianPath):
         return math.pi / 2.0 * (_as_tensor(t) + self.s) / (1.0 + self.s)
 
     def log_alpha(self, t):
-        # clamp: rounding can make log alpha(0) a hair above 0, and sigma^2 = -expm1(2 log alpha) < 0
-        return torch.clamp(torch.log(torch.cos(self._phi(t))) - math.log(math.cos(self._phi0)), max=0.0)
+        # cos(phi)/cos(phi0) = 1 - 2 sin(phi0 + d/2) sin(d/2) / cos(phi0), d = phi - phi0: log1p keeps the
+        # digits near t = 0; the clamp keeps sigma^2 = -expm1(2 log alpha) >= 0 under rounding
+        d = math.pi / 2.0 * _as_tensor(t) / (1.0 + self.s)
+        return torch.clamp(torch.log1p(-2.0 * torch.sin(self._phi0 + d / 2) * torch.sin(d / 2) / math.cos(self._phi0)),
+                           max=0.0)
 
     def d_log_alpha(self, t):
         return -torch.tan(self._phi(t)) * (math.pi / 2.0 / (1.0 + self.s))
@@ -219,8 +220,9 @@ class VPCosine(GaussianPath):
 
     def t_of_lambda(self, lam):
         lam = _as_tensor(lam)
-        alpha = torch.sqrt(torch.sigmoid(2.0 * lam))
-        phi = torch.arccos(alpha * math.cos(self._phi0))
+        c0, s0 = math.cos(self._phi0), math.sin(self._phi0)
+        # phi = arccos(alpha c0) through atan2 (well conditioned near phi0); alpha^2 = sigmoid(2 lam)
+        phi = torch.atan2(torch.sqrt(s0 * s0 + torch.sigmoid(-2.0 * lam) * c0 * c0), torch.sqrt(torch.sigmoid(2.0 * lam)) * c0)
         return phi * 2.0 * (1.0 + self.s) / math.pi - self.s
 
 

@@ -95,24 +95,47 @@ def test_score_is_the_autograd_gradient_of_log_prob(prob, frac):
     _assert_small(score - grad, scale, 1e-12, f"{name} {kind} score vs autograd")
 
 
+def _magnitudes(p, x, t):
+    """Magnitudes of the terms summed inside score and x0 (rounding scales; a mixture's sum over components can
+    cancel): S = sum_k gamma_k |x - alpha mu_k| / C_k and X = sum_k gamma_k (|mu_k| + alpha std_k^2 |x - alpha mu_k| / C_k),
+    gamma_k = softmax_k(log w_k + log N(x; alpha mu_k, C_k)) computed here (gamma = 1 for a Gaussian)."""
+    al, si, _, _ = _coef(p.path, t)
+    if isinstance(p, A.Gaussian):
+        means, var0, logw = p.mu[None], (p.std**2)[None], torch.zeros(1, dtype=F64)
+    else:
+        means, var0, logw = p.means, p.stds**2, torch.log(p.weights)
+    c = al**2 * var0 + si**2  # [K, D]
+    diff = x[:, None] - al * means  # [B, K, D]
+    logn = (-0.5 * (torch.log(2 * math.pi * c) + diff**2 / c)).sum(-1)
+    gamma = torch.softmax(logw + logn, dim=1)[..., None]
+    s_abs = (gamma * diff.abs() / c).sum(1)
+    x_abs = (gamma * (means.abs() + al * var0 * diff.abs() / c)).sum(1)
+    return s_abs, x_abs
+
+
 @given(prob=problems(), frac=st.floats(0.02, 0.98))
 def test_parameterizations_are_consistent(prob, frac):
     """FORMULAS.md §2 pointwise: velocity == f x - g^2/2 score; eps == -sigma score; v == alpha eps - sigma x0;
-    x0 == (x + sigma^2 score) / alpha (alpha > 0 inside (t_min, t_max)). Tolerance 1e-12 of the sum of the
-    magnitudes of the terms on the right (float64 rounding of the cancelling terms; ~4500 ulps)."""
+    x0 == (x + sigma^2 score) / alpha (alpha > 0 inside (t_min, t_max)). Tolerance 1e-12 (~4500 ulps) of the
+    magnitudes of every term rounded on either side, including the per-component terms of a mixture's sums
+    (see _magnitudes): float64 rounding of cancelling terms is all that may separate the two sides."""
     name, kind, params = prob
     p = _build(name, kind, params)
     t = _t(p.path, frac)
     al, si, f, g2 = _coef(p.path, t)
+    tt = torch.tensor(t, dtype=F64)
+    da, ss = abs(float(p.path.d_alpha(tt))), abs(float(p.path.sigma(tt) * p.path.d_sigma(tt)))
     x = p.sample(16, t, generator=_gen(1), dtype=F64)
     sc, eps, x0, v, u = p.score(x, t), p.eps(x, t), p.x0(x, t), p.v(x, t), p.velocity(x, t)
     for out in (sc, eps, x0, v, u):
         assert out.shape == x.shape and out.dtype == F64
-    tol = 1e-12
-    _assert_small(u - (f * x - g2 / 2 * sc), (f * x).abs() + (g2 / 2 * sc).abs() + 1e-300, tol, f"{name} velocity")
-    _assert_small(eps - (-si * sc), (si * sc).abs() + 1e-300, tol, f"{name} eps")
-    _assert_small(v - (al * eps - si * x0), (al * eps).abs() + (si * x0).abs() + 1e-300, tol, f"{name} v")
-    _assert_small(x0 - (x + si**2 * sc) / al, (x.abs() + (si**2 * sc).abs()) / al, tol, f"{name} x0")
+    s_abs, x_abs = _magnitudes(p, x, t)
+    tol, tiny = 1e-12, 1e-300
+    _assert_small(u - (f * x - g2 / 2 * sc), (f * x).abs() + g2 / 2 * s_abs + da * x_abs + ss * s_abs + tiny, tol,
+                  f"{name} velocity")
+    _assert_small(eps - (-si * sc), si * s_abs + tiny, tol, f"{name} eps")
+    _assert_small(v - (al * eps - si * x0), al * si * s_abs + si * x_abs + tiny, tol, f"{name} v")
+    _assert_small(x0 - (x + si**2 * sc) / al, (x.abs() + si**2 * s_abs) / al + x_abs, tol, f"{name} x0")
 
 
 @pytest.mark.parametrize("mixture", [False, True], ids=["gaussian", "mixture"])
@@ -405,7 +428,9 @@ def test_ou_transition_law(theta, m, s, x0, t):
 def test_ou_euler_maruyama_law_matches_the_recursion(theta, m, s, x0, theta_h, n):
     """euler_maruyama_law against running m <- (1 - theta h) m + theta h m*, v <- (1 - theta h)^2 v + s^2 h in
     float64 (independent: no closed form). theta h ranges over stable (< 2) and unstable (> 2) steps.
-    Each recursion step adds a few ulps relative: 1e-13 relative (n <= 60), plus the magnitudes' floor."""
+    Rounding: each recursion step adds <= 4 eps of its terms' magnitude, and later steps multiply that by
+    |a| = |1 - theta h| (> 1 when unstable): <= 16 eps (n + 1) (|m| (1 + theta h) + |x0 - m|) max(1, |a|)^n for
+    the mean; the variance's terms are all positive (no cancellation): 16 eps (n + 1) relative."""
     ou = A.OU(theta, m, s)
     h = theta_h / theta
     mean, var = x0, 0.0
@@ -413,9 +438,9 @@ def test_ou_euler_maruyama_law_matches_the_recursion(theta, m, s, x0, theta_h, n
         mean = (1 - theta * h) * mean + theta * h * m
         var = (1 - theta * h) ** 2 * var + s * s * h
     lm, lv = ou.euler_maruyama_law(x0, h, n)
-    scale_m = abs(m) + abs(x0 - m) * max(1.0, abs(1 - theta_h)) ** n
-    assert abs(float(lm) - mean) <= 1e-13 * scale_m, (float(lm), mean)
-    assert abs(float(lv) - var) <= 1e-13 * var + 1e-300, (float(lv), var)
+    tol_m = 16 * EPS * (n + 1) * (abs(m) * (1 + theta_h) + abs(x0 - m)) * max(1.0, abs(1 - theta_h)) ** n
+    assert abs(float(lm) - mean) <= tol_m, (float(lm), mean, tol_m)
+    assert abs(float(lv) - var) <= 16 * EPS * (n + 1) * var, (float(lv), var)
 
 
 def test_ou_euler_maruyama_stationary_variance():

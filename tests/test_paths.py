@@ -105,18 +105,21 @@ def _autograd(fn, t):
 @given(name=st.sampled_from(NAMES), frac=interior)
 def test_derivatives_match_autograd(name, frac):
     """The same derivatives against autograd of alpha, sigma, log alpha: both are float64 evaluations of the
-    same closed forms, so only rounding separates them (a few ulps; 1e-12 relative leaves ~4500 ulps)."""
+    same closed forms, so only rounding separates them: 1e-12 relative (~4500 ulps), plus 16 eps / alpha^2
+    because torch's expm1 backward forms e^x as expm1(x) + 1, which loses log2(1/alpha^2) bits where
+    alpha^2 = e^(2 log alpha) is small (VP-type sigma near t_max: alpha^2 ~ 4e-5)."""
     p = PATHS[name]
     t = torch.tensor(_t(p, frac), dtype=torch.float64, requires_grad=True)
+    rtol = 1e-12 + 16 * EPS / float(p.alpha(t.detach())) ** 2
     grads = {}
     for key, fn, dfn in (("alpha", p.alpha, p.d_alpha), ("sigma", p.sigma, p.d_sigma), ("log_alpha", p.log_alpha, p.f)):
         grads[key] = grad = _autograd(fn, t)
         exact = float(dfn(t.detach()))
-        assert abs(grad - exact) <= 1e-12 * abs(grad), (name, key, float(t), grad, exact)
+        assert abs(grad - exact) <= rtol * abs(grad), (name, key, float(t), grad, exact)
     # g^2 = 2 sigma sigma' - 2 f sigma^2 from the autograd derivatives
     s = float(p.sigma(t.detach()))
     terms = (2 * s * grads["sigma"], 2 * grads["log_alpha"] * s * s)
-    assert abs(float(p.g2(t.detach())) - (terms[0] - terms[1])) <= 1e-12 * (abs(terms[0]) + abs(terms[1])), name
+    assert abs(float(p.g2(t.detach())) - (terms[0] - terms[1])) <= rtol * (abs(terms[0]) + abs(terms[1])), name
 
 
 @given(name=st.sampled_from(NAMES), frac=st.floats(0.0, 1.0, exclude_min=True, exclude_max=True))
@@ -129,7 +132,7 @@ def test_t_of_lambda_inverts_lambda(name, frac):
     back = p.t_of_lambda(p.lam(t))
     dlam = float(p.f(t) - p.d_sigma(t) / p.sigma(t))
     lam_err = 16 * EPS * (abs(float(p.log_alpha(t))) + abs(math.log(float(p.sigma(t)))) + 1.0)
-    tol = max(1e-10 * abs(float(t)), lam_err / abs(dlam))
+    tol = max(1e-10 * abs(float(t)), lam_err / abs(dlam), 1e-300)  # floor: subnormal t has no relative precision
     assert abs(float(back) - float(t)) <= tol, (name, float(t), float(back), tol)
 
 
@@ -141,8 +144,8 @@ def test_lambda_is_decreasing(name, a, b):
     l1, l2 = (float(p.lam(torch.tensor(s, dtype=torch.float64))) for s in (t1, t2))
     if t2 - t1 > 1e-9 * max(1.0, t2):  # well separated: strictly decreasing
         assert l1 > l2, (name, t1, t2, l1, l2)
-    else:
-        assert l1 >= l2 - 1e-12 * max(1.0, abs(l1)), (name, t1, t2, l1, l2)
+    else:  # (nearly) the same time: equal, or within rounding (lam = +inf at t = 0 on both sides is equal)
+        assert l1 == l2 or l1 >= l2 - 1e-12 * max(1.0, abs(l1)), (name, t1, t2, l1, l2)
     tt = torch.tensor(t1, dtype=torch.float64)
     assert float(p.f(tt) - p.d_sigma(tt) / p.sigma(tt)) < 0, (name, t1)
 
