@@ -178,15 +178,16 @@ def plot(rows, problem_names, solver_names, path_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(problem_names), figsize=(6 * len(problem_names), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(problem_names), figsize=(6 * len(problem_names) + 3, 5), squeeze=False)
+    colors = plt.get_cmap("tab20")
     for ax, p in zip(axes[0], problem_names):
-        for s in solver_names:
+        for k, s in enumerate(solver_names):
             pts = sorted((r["nfe"], r["error"]) for r in rows
                          if r["problem"] == p and r["solver"] == s and r.get("error") is not None
                          and math.isfinite(r["error"]) and r["error"] > 0)
             if pts:
                 info = fs.get_solver(s).info
-                ax.loglog(*zip(*pts), marker="o", ms=3, ls="--" if info.stochastic else "-",
+                ax.loglog(*zip(*pts), marker="o", ms=3, ls="--" if info.stochastic else "-", color=colors(k % 20),
                           label=f"{s} ({'SDE, W2 to marginal' if info.stochastic else 'ODE, RMS to flow map'})")
         floors = [r["mc_floor"] for r in rows if r["problem"] == p and "mc_floor" in r]
         if floors:
@@ -195,8 +196,9 @@ def plot(rows, problem_names, solver_names, path_png):
         ax.set_xlabel("NFE (counted model calls)")
         ax.set_ylabel("error")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path_png, dpi=120)
     plt.close(fig)
 
