@@ -359,7 +359,7 @@ def test_float32_inputs_stay_float32():
 
 
 # ------------------------------------------------------------------------------------------- sampling
-def _moments_within_bounds(x, mean, var, m4=None):
+def check_moments_within_bounds(x, mean, var, m4=None):
     """Per-dimension sample mean within C sqrt(v/n); sample variance within C times its standard error:
     Gaussian v sqrt(2/(n-1)); in general sqrt((m4 - v^2 (n-3)/(n-1)) / n) with m4 the 4th central moment."""
     n = x.shape[0]
@@ -378,7 +378,7 @@ def test_gaussian_sampler_moments(name):
     t = _t(path, 0.3)
     x = g.sample(20000, t, generator=_gen(14), dtype=F64)
     assert x.shape == (20000, 3)
-    _moments_within_bounds(x, g.mean(t), g.var(t))
+    check_moments_within_bounds(x, g.mean(t), g.var(t))
 
 
 def test_gaussian_sampler_moments_per_sample_times():
@@ -388,7 +388,7 @@ def test_gaussian_sampler_moments_per_sample_times():
     t = torch.rand(20000, generator=_gen(15), dtype=F64) * 0.9 + 0.05
     x = g.sample(20000, t, generator=_gen(16), dtype=F64)
     z = (x - g.mean(t)) / g.var(t).sqrt()
-    _moments_within_bounds(z, torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    check_moments_within_bounds(z, torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
 
 
 @pytest.mark.parametrize("name", ["vp", "edm", "rf"])
@@ -404,7 +404,7 @@ def test_mixture_sampler_moments(name):
     a = al * m.means - mean
     ck = al**2 * m.stds**2 + si**2
     m4 = (m.weights[:, None] * (a**4 + 6 * a**2 * ck + 3 * ck**2)).sum(0)
-    _moments_within_bounds(x, mean, var, m4)
+    check_moments_within_bounds(x, mean, var, m4)
 
 
 # ------------------------------------------------------------------------------------------- OU
@@ -456,7 +456,7 @@ def test_ou_sample_transition_moments():
     x0, t, n = 2.0, 0.7, 20000
     x = ou.sample_transition(torch.full((n,), x0, dtype=F64), t, generator=_gen(18))
     assert x.shape == (n,) and x.dtype == F64
-    _moments_within_bounds(x[:, None], ou.transition_mean(x0, t).reshape(1), ou.transition_var(t).reshape(1))
+    check_moments_within_bounds(x[:, None], ou.transition_mean(x0, t).reshape(1), ou.transition_var(t).reshape(1))
 
 
 # ------------------------------------------------------------------------------------------- bad input

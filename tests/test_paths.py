@@ -156,7 +156,7 @@ def test_lambda_is_decreasing_on_a_dense_grid():
         assert bool((lam[1:] < lam[:-1]).all()), name
 
 
-def _close(a, b, rtol=0.0, atol=0.0, what=""):
+def check_close(a, b, rtol=0.0, atol=0.0, what=""):
     a, b = float(a), float(b)
     assert abs(a - b) <= atol + rtol * abs(b), (what, a, b)
 
@@ -175,42 +175,42 @@ def test_closed_forms_and_identities(frac):
     alpha = math.exp(-t * t * (bmax - bmin) / 4 - t * bmin / 2)
     beta = bmin + t * (bmax - bmin)
     for p in (vp, sub):
-        _close(p.alpha(tt), alpha, rtol=tol * (1 + bmax), what="VP alpha")  # exp(x): relative error ~ eps |x|
-        _close(p.f(tt), -beta / 2, rtol=tol, what="VP f = -beta/2")
-    _close(vp.alpha(tt) ** 2 + vp.sigma(tt) ** 2, 1.0, atol=tol, what="VP alpha^2 + sigma^2")
-    _close(vp.g2(tt), beta, rtol=tol, what="VP g2 = beta")
-    _close(sub.sigma(tt), 1 - sub.alpha(tt) ** 2, atol=tol, what="subVP sigma = 1 - alpha^2")
-    _close(sub.g2(tt), beta * (1 - alpha**4), atol=tol * beta * (1 + bmax), what="subVP g2 = beta (1 - alpha^4)")
+        check_close(p.alpha(tt), alpha, rtol=tol * (1 + bmax), what="VP alpha")  # exp(x): relative error ~ eps |x|
+        check_close(p.f(tt), -beta / 2, rtol=tol, what="VP f = -beta/2")
+    check_close(vp.alpha(tt) ** 2 + vp.sigma(tt) ** 2, 1.0, atol=tol, what="VP alpha^2 + sigma^2")
+    check_close(vp.g2(tt), beta, rtol=tol, what="VP g2 = beta")
+    check_close(sub.sigma(tt), 1 - sub.alpha(tt) ** 2, atol=tol, what="subVP sigma = 1 - alpha^2")
+    check_close(sub.g2(tt), beta * (1 - alpha**4), atol=tol * beta * (1 + bmax), what="subVP g2 = beta (1 - alpha^4)")
 
     t = _t(cos, frac)
     tt = torch.tensor(t, dtype=torch.float64)
     s = 0.008
     alpha = math.cos(math.pi / 2 * (t + s) / (1 + s)) / math.cos(math.pi / 2 * s / (1 + s))
-    _close(cos.alpha(tt), alpha, rtol=tol * 8, what="cosine alpha")  # exp(log cos - log cos0): |log alpha| < 5
-    _close(cos.alpha(tt) ** 2 + cos.sigma(tt) ** 2, 1.0, atol=tol, what="cosine alpha^2 + sigma^2")
-    _close(cos.g2(tt), -2 * cos.f(tt), rtol=tol, what="cosine g2 = -2 f")
+    check_close(cos.alpha(tt), alpha, rtol=tol * 8, what="cosine alpha")  # exp(log cos - log cos0): |log alpha| < 5
+    check_close(cos.alpha(tt) ** 2 + cos.sigma(tt) ** 2, 1.0, atol=tol, what="cosine alpha^2 + sigma^2")
+    check_close(cos.g2(tt), -2 * cos.f(tt), rtol=tol, what="cosine g2 = -2 f")
 
     t = _t(ve, frac)
     tt = torch.tensor(t, dtype=torch.float64)
     sigma = 0.01 * (50 / 0.01) ** t
-    _close(ve.sigma(tt), sigma, rtol=tol * 10, what="VE sigma")  # pow vs exp of t log(5000) <= 8.5
-    _close(ve.alpha(tt), 1.0, what="VE alpha")
-    _close(ve.g2(tt), 2 * sigma**2 * math.log(50 / 0.01), rtol=tol * 20, what="VE g2")
+    check_close(ve.sigma(tt), sigma, rtol=tol * 10, what="VE sigma")  # pow vs exp of t log(5000) <= 8.5
+    check_close(ve.alpha(tt), 1.0, what="VE alpha")
+    check_close(ve.g2(tt), 2 * sigma**2 * math.log(50 / 0.01), rtol=tol * 20, what="VE g2")
 
     t = _t(edm, frac)
     tt = torch.tensor(t, dtype=torch.float64)
-    _close(edm.sigma(tt), t, what="EDM sigma = t")
-    _close(edm.alpha(tt), 1.0, what="EDM alpha = 1")
-    _close(edm.g2(tt), 2 * t, rtol=tol, what="EDM g2 = 2t")
+    check_close(edm.sigma(tt), t, what="EDM sigma = t")
+    check_close(edm.alpha(tt), 1.0, what="EDM alpha = 1")
+    check_close(edm.g2(tt), 2 * t, rtol=tol, what="EDM g2 = 2t")
 
     t = _t(rf, frac)
     tt = torch.tensor(t, dtype=torch.float64)
-    _close(rf.alpha(tt), 1 - t, what="RF alpha = 1 - t")
-    _close(rf.sigma(tt), t, what="RF sigma = t")
+    check_close(rf.alpha(tt), 1 - t, what="RF alpha = 1 - t")
+    check_close(rf.sigma(tt), t, what="RF sigma = t")
 
     for name, p in PATHS.items():
         tt = torch.tensor(_t(p, frac), dtype=torch.float64)
-        _close(p.alpha(tt), math.exp(float(p.log_alpha(tt))), rtol=tol, what=f"{name} alpha = exp(log alpha)")
+        check_close(p.alpha(tt), math.exp(float(p.log_alpha(tt))), rtol=tol, what=f"{name} alpha = exp(log alpha)")
 
 
 # Expected values at t = 0 where the path allows it (sigma(0) = 0 except VE); from FORMULAS.md §1 by hand.
@@ -289,4 +289,4 @@ def test_vp_sigma_is_accurate_near_zero():
     vp = PATHS["vp"]
     t = 1e-9
     b = t * t * (20 - 0.1) / 4 + t * 0.1 / 2
-    _close(vp.sigma(torch.tensor(t, dtype=torch.float64)), math.sqrt(-math.expm1(-2 * b)), rtol=8 * EPS)
+    check_close(vp.sigma(torch.tensor(t, dtype=torch.float64)), math.sqrt(-math.expm1(-2 * b)), rtol=8 * EPS)

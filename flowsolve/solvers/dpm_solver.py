@@ -57,6 +57,20 @@ class _SinglestepDPM(Solver):
         evals = [1 + len(self.r) if f else 1 for f in use_full]
         return Plan(grid, tables, t_eval, evals, {"full": use_full})
 
+    def step(self, run, n: int) -> None:
+        """Stage k computes u_k from (x, raw0) and the previous stage (u_{k-1}, raw_{k-1}); the update
+        reads (x, raw0, u_last, raw_last). A step that cannot take the full method is DDIM."""
+        x = run.x
+        raw0 = run.evaluate(x, 0)
+        if not run.plan.flags["full"][n]:
+            run.combine(x, [x, raw0], "ddim")
+            return
+        prev = []
+        for k in range(1, len(self.r) + 1):
+            u = run.combine(run.buffer(f"u{k}"), [x, raw0, *prev], f"u{k}")
+            prev = [u, run.evaluate(u, k)]
+        run.combine(x, [x, raw0, *prev], "out")
+
 
 @register
 class DPMSolver2(_SinglestepDPM):
@@ -78,15 +92,6 @@ class DPMSolver2(_SinglestepDPM):
             "out": table(cxi + w0 * ae0, w0 * be0, w1 * ae1, w1 * be1),  # inputs (x, raw0, u1, raw1)
         }
 
-    def step(self, run, n: int) -> None:
-        x = run.x
-        raw0 = run.evaluate(x, 0)
-        if not run.plan.flags["full"][n]:
-            run.combine(x, [x, raw0], "ddim")
-            return
-        u1 = run.combine(run.buffer("u1"), [x, raw0], "u1")
-        raw1 = run.evaluate(u1, 1)
-        run.combine(x, [x, raw0, u1, raw1], "out")
 
 
 @register
@@ -115,14 +120,3 @@ class DPMSolver3(_SinglestepDPM):
             "out": table(cxi + (cei - d2) * ae0, (cei - d2) * be0, d2 * ae2, d2 * be2),  # (x, raw0, u2, raw2)
         }
 
-    def step(self, run, n: int) -> None:
-        x = run.x
-        raw0 = run.evaluate(x, 0)
-        if not run.plan.flags["full"][n]:
-            run.combine(x, [x, raw0], "ddim")
-            return
-        u1 = run.combine(run.buffer("u1"), [x, raw0], "u1")
-        raw1 = run.evaluate(u1, 1)
-        u2 = run.combine(run.buffer("u2"), [x, raw0, u1, raw1], "u2")
-        raw2 = run.evaluate(u2, 2)
-        run.combine(x, [x, raw0, u2, raw2], "out")

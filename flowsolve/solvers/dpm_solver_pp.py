@@ -50,6 +50,19 @@ def multistep_orders(h: torch.Tensor, max_order: int, lower_order_final: bool = 
     return orders
 
 
+def backward_differences(h: torch.Tensor, i: int, order: int):
+    """Coefficient vectors over (m_0, m_1, m_2) of D1_0 = (m_0 - m_1)/r0 and, for order 3,
+    D1 = D1_0 + r0/(r0 + r1)(D1_0 - D1_1) ~ h m' and D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 m''."""
+    hi = float(h[i])
+    r0 = float(h[i - 1]) / hi
+    d1_0 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / r0
+    if order < 3:
+        return d1_0, d1_0, torch.zeros(3, dtype=torch.float64)
+    r1 = float(h[i - 2]) / hi
+    d1_1 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / r1
+    return d1_0, d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1), 2.0 * (d1_0 - d1_1) / (r0 + r1)
+
+
 def multistep_x0_coefficients(path, grid, max_order: int, lower_order_final: bool = True):
     """Per-step (coef of x, coefs of m_0..m_{k-1}, order) of DPM-Solver++(kM), float64."""
     t0, t1 = grid[:-1], grid[1:]
@@ -69,18 +82,13 @@ def multistep_x0_coefficients(path, grid, max_order: int, lower_order_final: boo
             continue
         hi = float(h[i])
         em1 = torch.expm1(torch.tensor(-hi, dtype=torch.float64))  # e^{-h} - 1
-        phi1 = a1[i] * (em1 / hi + 1.0)
-        r0 = float(h[i - 1]) / hi
-        d1_0 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / r0
+        d1_0, d1, d2 = backward_differences(h, i, order)
         if order == 2:
             # 2M: alpha (1-e^{-h}) / (2 r0) (m0 - m1) -- Lu et al. 2022b, Alg. 2
             coef_m[i, :2] += (c1[i] / 2.0) * d1_0[:2]
             continue
-        phi2 = a1[i] * ((em1 + hi) / hi**2 - 0.5)
-        r1 = float(h[i - 2]) / hi
-        d1_1 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # = h m' + O(h^3)
-        d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # = h^2 m'' + O(h^3): the weight phi2 belongs to h^2 m''
+        phi1 = a1[i] * (em1 / hi + 1.0)
+        phi2 = a1[i] * ((em1 + hi) / hi**2 - 0.5)  # the weight of h^2 m'' (hence the 2 in D2)
         coef_m[i] += phi1 * d1 - phi2 * d2
     return ratio, coef_m, orders
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .base import Plan, Solver, SolverInfo, register, table
-from .dpm_solver_pp import multistep_orders
+from .dpm_solver_pp import backward_differences, multistep_orders
 
 
 class _MultistepSDE(Solver):
@@ -52,22 +52,14 @@ class _MultistepSDE(Solver):
             if order == 1:
                 continue
             hi = float(h[i])
-            r0 = float(h[i - 1]) / hi
-            d1_0 = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / r0
+            d1_0, d1, d2 = backward_differences(h, i, order)
             if order == 2 and self.max_order == 2:  # k-diffusion's midpoint correction
                 coef_m[i, :2] += (c0[i] / 2.0) * d1_0[:2]
                 continue
             h_eta = (1.0 + eta) * hi
             phi_2 = float(torch.expm1(torch.tensor(-h_eta, dtype=torch.float64))) / h_eta + 1.0
-            if order == 2:
-                coef_m[i, :3] += a1[i] * phi_2 * d1_0
-                continue
             phi_3 = phi_2 / h_eta - 0.5
-            r1 = float(h[i - 2]) / hi
-            d1_1 = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / r1
-            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-            d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
-            coef_m[i] += a1[i] * (phi_2 * d1 - phi_3 * d2)
+            coef_m[i] += a1[i] * (phi_2 * d1 - phi_3 * d2)  # d2 = 0 at order 2
         a, b = model.conversion("x0", t0)
         tables = {"x0": table(a, b)}
         for k in range(1, self.max_order + 1):
