@@ -13,7 +13,7 @@ import torch
 from . import grids as _grids
 from .kernels import STREAM_INIT, STREAM_STEP, lincomb, normal_, resolve_backend, seed_tensor
 from .model import Model
-from .solvers.base import Plan, get_solver
+from .solvers.base import AdaptiveSolver, Plan, get_solver
 
 
 class Run:
@@ -115,7 +115,8 @@ class Sampler:
         t_max, t_min: the time range (default: the path's sampling range).
     """
 
-    def __init__(self, model: Model, solver="heun", steps: int | None = None, grid=None, *, t_max=None, t_min=None):
+    def __init__(self, model: Model, solver="heun", steps: int | None = None, grid=None, *, t_max=None, t_min=None,
+                 rtol: float | None = None, atol: float | None = None):
         if not isinstance(model, Model):
             if callable(model):
                 raise TypeError("model must be a fs.Model; wrap your callable: fs.Model(fn, path, predicts='eps').")
@@ -123,6 +124,23 @@ class Sampler:
         self.model = model
         self.solver = get_solver(solver)
         path = model.path
+        if isinstance(self.solver, AdaptiveSolver):
+            if steps is not None or grid is not None:
+                raise ValueError(
+                    f"solver={self.solver.info.name!r} is adaptive: it chooses its own steps from rtol/atol; do not pass "
+                    f"steps or grid (or use a fixed-step solver such as 'rk4' or 'dpm++3m')."
+                )
+            self.solver = self.solver.with_tolerances(rtol, atol)
+            self.t_max, self.t_min = _grids.time_range(path, t_max, t_min)
+            self.plan = None
+            self.times = None
+            self.prior_std = float(path.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+            return
+        if rtol is not None or atol is not None:
+            raise ValueError(
+                f"rtol/atol apply to adaptive solvers ({', '.join(s.name for s in _adaptive_infos())}); "
+                f"{self.solver.info.name!r} takes steps= and grid= instead."
+            )
         if isinstance(grid, str) or grid is None:
             t_grid = _grids.make_grid(grid, path, 10 if steps is None else steps, t_max=t_max, t_min=t_min)
         else:
@@ -141,12 +159,14 @@ class Sampler:
                     f"rectified flow)."
                 )
         self.times = t_grid.tolist()
+        self.t_max, self.t_min = self.times[0], self.times[-1]
         self.prior_std = float(path.sigma(t_grid[0]))
 
     @property
-    def nfe(self) -> int:
-        """Model evaluations one run makes (exact, from the plan)."""
-        return self.plan.nfe
+    def nfe(self) -> int | None:
+        """Model evaluations one run makes (exact, from the plan); None for an adaptive solver (see
+        ``return_info``: its NFE is known only after the run)."""
+        return None if self.plan is None else self.plan.nfe
 
     def sample(self, noise_or_shape, *, seed=0, dtype=torch.float32, device=None, backend=None, sample_offset: int = 0,
                return_trajectory: bool = False, return_info: bool = False, progress: bool = False, callback=None,
@@ -161,6 +181,9 @@ class Sampler:
         be = resolve_backend(backend, device)
         x = _initial_state(noise_or_shape, self.prior_std, seed_t, dtype, device, be, sample_offset)
         model, plan, solv = self.model, self.plan, self.solver
+        if plan is None:
+            return self._sample_adaptive(x, seed_t, be, sample_offset, return_trajectory, return_info, progress,
+                                         callback, model.check_finite if check_finite is None else check_finite)
         run = Run(model, plan, x, seed_t, be, sample_offset, model.check_finite if check_finite is None else check_finite)
         trajectory = [x.clone()] if return_trajectory else None
         steps_iter = range(plan.n_steps)
@@ -182,11 +205,50 @@ class Sampler:
             result.append({"nfe": run.nfe, "planned_nfe": plan.nfe, "grid": plan.grid, "solver": solv.info.name})
         return result[0] if len(result) == 1 else tuple(result)
 
+    def _sample_adaptive(self, x, seed_t, backend, sample_offset, return_trajectory, return_info, progress, callback,
+                         check_finite):
+        solv = self.solver
+        trajectory = [x.clone()] if return_trajectory else None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"flowsolve {solv.info.name} (accepted steps)")
+        user_callback = callback
+
+        def on_step(step, t, x):
+            if bar is not None:
+                bar.update(1)
+            if user_callback is not None:
+                user_callback(step=step, t=t, x=x)
+
+        try:
+            stats = solv.integrate(self.model, x, self.t_max, self.t_min, seed=seed_t, backend=backend,
+                                   sample_offset=sample_offset, check_finite=check_finite, trajectory=trajectory,
+                                   callback=on_step if (bar is not None or user_callback is not None) else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        result = [x]
+        if return_trajectory:
+            result.append(trajectory)
+        if return_info:
+            info = {"planned_nfe": None, "solver": solv.info.name, "rtol": solv.rtol, "atol": solv.atol}
+            info.update(stats)
+            result.append(info)
+        return result[0] if len(result) == 1 else tuple(result)
+
+
+def _adaptive_infos():
+    from .solvers.base import solvers
+
+    return [s for s in solvers() if s.adaptive]
+
 
 def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None, grid=None, *, seed=0,
            t_max=None, t_min=None, dtype=torch.float32, device=None, backend=None, sample_offset: int = 0,
            return_trajectory: bool = False, return_info: bool = False, progress: bool = False, callback=None,
-           check_finite: bool | None = None):
+           check_finite: bool | None = None, rtol: float | None = None, atol: float | None = None):
     """Sample from a model by integrating its PF-ODE or reverse SDE from t_max down to t_min.
 
     Args:
@@ -211,10 +273,13 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
         progress: show a tqdm progress bar.
         callback: ``callback(step=n, t=t_next, x=x)`` after each step (x is the live state: clone to keep it).
         check_finite: check model outputs for NaN/inf (syncs once per evaluation); default: the model's flag.
+        rtol, atol: tolerances of an adaptive solver (``fs.solvers()`` marks them ``adaptive``); an error
+            for fixed-step solvers. Default: the solver's own (1e-5).
 
-    Returns: x(t_min) [, trajectory] [, info], in that order.
+    Returns: x(t_min) [, trajectory] [, info], in that order. For an adaptive solver ``info`` also has
+    ``steps`` (accepted), ``rejected`` and ``grid`` (the accepted times).
     """
-    sampler = Sampler(model, solver, steps, grid, t_max=t_max, t_min=t_min)
+    sampler = Sampler(model, solver, steps, grid, t_max=t_max, t_min=t_min, rtol=rtol, atol=atol)
     return sampler.sample(noise_or_shape, seed=seed, dtype=dtype, device=device, backend=backend,
                           sample_offset=sample_offset, return_trajectory=return_trajectory, return_info=return_info,
                           progress=progress, callback=callback, check_finite=check_finite)

@@ -1,5 +1,5 @@
 """Solvers: one small class per method, registered by name (``fs.solvers()`` lists them)."""
-from .base import Plan, Solver, SolverInfo, get_solver, register, solvers
+from .base import AdaptiveSolver, Plan, Solver, SolverInfo, get_solver, register, solvers
 from .ddim import DDIM
 from .euler import Euler
 from .euler_maruyama import EulerMaruyama
@@ -11,6 +11,6 @@ from .ancestral import Ancestral
 from .edm_sde import EDMStochastic
 from .dpm_solver_pp_sde import DPMSolverPP2MSDE, DPMSolverPP3MSDE
 
-__all__ = ["Plan", "Solver", "SolverInfo", "get_solver", "register", "solvers", "DDIM", "Euler", "EulerMaruyama", "Heun",
+__all__ = ["AdaptiveSolver", "Plan", "Solver", "SolverInfo", "get_solver", "register", "solvers", "DDIM", "Euler", "EulerMaruyama", "Heun",
            "RK4", "Midpoint", "RungeKutta", "ButcherTableau", "DPMSolver2", "DPMSolver3", "DPMSolverPP2M", "DPMSolverPP3M",
            "Ancestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "EDMStochastic"]

@@ -81,6 +81,62 @@ class Solver:
         return f"{type(self).__name__}()"
 
 
+class AdaptiveSolver(Solver):
+    """A solver that chooses its own steps from tolerances (``info.adaptive = True``).
+
+    It has no plan of coefficients: ``Sampler`` calls ``integrate`` once per run instead of
+    ``plan``/``step``. An adaptive solver may read device memory from the host once per attempted
+    step (the accept/reject decision) and must say so in its docstring.
+
+    Args:
+        rtol, atol: relative and absolute tolerance of the local error estimate (per-sample RMS norm
+            of ``err / (atol + rtol * max(|x_n|, |x_{n+1}|))``, the norm of Hairer, Norsett & Wanner II.4).
+        h0: first step size in path time (default: the solver's heuristic).
+        max_steps: limit on attempted steps (accepted + rejected); reaching it raises and names the fix.
+    """
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, h0: float | None = None, max_steps: int = 10_000):
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or v == float("inf"):
+                raise ValueError(f"{name}={v!r} must be a positive finite number.")
+        if h0 is not None and (isinstance(h0, bool) or not isinstance(h0, (int, float)) or not (h0 > 0)):
+            raise ValueError(f"h0={h0!r} must be a positive number or None (the solver's heuristic).")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps={max_steps!r} must be a positive int.")
+        self.rtol, self.atol, self.h0, self.max_steps = float(rtol), float(atol), h0, max_steps
+
+    def with_tolerances(self, rtol=None, atol=None) -> "AdaptiveSolver":
+        """A copy with the given tolerances (None keeps the current one)."""
+        import copy
+
+        other = copy.copy(self)
+        AdaptiveSolver.__init__(other, self.rtol if rtol is None else rtol, self.atol if atol is None else atol,
+                                self.h0, self.max_steps)
+        return other
+
+    def plan(self, model, grid) -> Plan:
+        raise TypeError(f"{self.info.name} is adaptive: it has no fixed plan; call integrate().")
+
+    def step(self, run, n: int) -> None:
+        raise TypeError(f"{self.info.name} is adaptive: it has no fixed steps; call integrate().")
+
+    def integrate(self, model, x: torch.Tensor, t_max: float, t_min: float, *, seed: torch.Tensor, backend: str,
+                  sample_offset: int, check_finite: bool, trajectory: list | None = None,
+                  callback=None) -> dict:
+        """Integrate ``x`` (the state at t_max, updated in place) down to t_min.
+
+        ``seed`` is the one-element int64 device tensor that keys any noise; ``trajectory`` (if a list)
+        receives a clone of the state after every accepted step; ``callback(step=n, t=t_next, x=x)`` is
+        called after every accepted step. Returns a dict with at least ``nfe`` (model calls),
+        ``steps`` (accepted), ``rejected`` and ``grid`` (the accepted times, float64, decreasing, from
+        t_max to t_min).
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rtol={self.rtol:g}, atol={self.atol:g})"
+
+
 _REGISTRY: dict[str, type[Solver]] = {}
 
 
