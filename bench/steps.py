@@ -1,12 +1,15 @@
 """Step-count benchmark: error vs NFE for every registered solver on the analytic problems.
 
 ODE solvers: RMS over samples and dimensions of x_N - Phi(x_T), the exact flow map of the Gaussian
-problem (FORMULAS.md §3), the same x_T ~ p_{t_max} (exact) for every NFE. Float64, 1024 samples.
+problem (FORMULAS.md §3) or, for the Gaussian mixtures, a float64 RK4 reference with 4096 steps whose
+own error (estimated by step halving) is reported beside it; the same x_T ~ p_{t_max} (exact) for every
+NFE. Float64, 1024 samples. Adaptive solvers are swept over tolerances (rtol = atol in ADAPTIVE_TOLS) and
+placed at the NFE they counted.
 
 SDE solvers (NFE <= 100, 20000 samples): the sample mean and variance per dimension of x_N, started from exact draws of
 p_{t_max}, against the exact marginal p_{t_min}: error = RMS over dimensions of the per-dimension
 2-Wasserstein distance between N(mean_hat, var_hat) and N(mean, var), with its Monte-Carlo noise
-floor (the same statistic between the exact marginal and an exact sample of the same size).
+floor (the RMS of the same statistic between the exact marginal and 8 exact samples of the same size).
 
 On rectified flow, solvers that cannot start at t = 1 (alpha = 0: the reverse SDE, the
 noise-prediction DPM-Solvers) start at t_max = 0.99, from exact draws of p(0.99); the table says so.
@@ -38,6 +41,8 @@ ODE_SAMPLES, SDE_SAMPLES = 1024, 20000
 # noise is compiled (issue 7).
 SDE_MAX_NFE = 100
 SDE_T_MAX_RF = 0.99  # rectified flow: where a solver cannot start at t = 1 (alpha = 0)
+ADAPTIVE_TOLS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]
+QUICK_TOLS = [1e-2, 1e-4]
 
 
 def steps_for(info, nfe: int) -> int:
@@ -55,13 +60,27 @@ def w2_error(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> float:
     return float(w2sq.mean().sqrt())
 
 
-def sweep_problem(problem, solver_names, nfes, n_ode, n_sde, seed, progress):
+def mc_floor(prob, t, n, mean, var, generator, replicates: int = 8) -> float:
+    """The statistic's Monte-Carlo floor: RMS of ``w2_error`` over ``replicates`` exact samples of size n
+    (one draw of it varies by a factor ~2 in 2-D: a single draw is no floor)."""
+    vals = [w2_error(prob.sample(n, t, generator=generator, dtype=torch.float64), mean, var) for _ in range(replicates)]
+    return float(np.sqrt(np.mean(np.square(vals))))
+
+
+def _runs(info, nfes, tols):
+    """(steps, rtol) per run of a sweep: NFE targets for fixed-step solvers, tolerances for adaptive ones."""
+    if info.adaptive:
+        return [(None, tol) for tol in tols]
+    return [(steps_for(info, n), None) for n in nfes if not (info.stochastic and n > SDE_MAX_NFE)]
+
+
+def sweep_problem(problem, solver_names, nfes, n_ode, n_sde, seed, progress, tols=ADAPTIVE_TOLS):
     prob, path = problem.prob, problem.path
     model = problem.model()
     rows = []
     g = torch.Generator().manual_seed(seed)
     x_ode = prob.sample(n_ode, problem.t_max, generator=g, dtype=torch.float64)
-    exact_ode = prob.flow(x_ode, problem.t_max, problem.t_min)
+    exact_ode = problem.reference(x_ode, problem.t_max)
     for name in solver_names:
         info = fs.get_solver(name).info
         t_max = problem.t_max
@@ -73,28 +92,30 @@ def sweep_problem(problem, solver_names, nfes, n_ode, n_sde, seed, progress):
         x_ode_n, exact_n = x_ode, exact_ode
         if t_max != problem.t_max and not info.stochastic:
             x_ode_n = prob.sample(n_ode, t_max, generator=g, dtype=torch.float64)
-            exact_n = prob.flow(x_ode_n, t_max, problem.t_min)
+            exact_n = problem.reference(x_ode_n, t_max)
         if info.stochastic:
             x_init = prob.sample(n_sde, t_max, generator=g, dtype=torch.float64)
             mean = prob.mean(problem.t_min).expand(problem.dim).to(torch.float64)
             var = prob.var(problem.t_min).expand(problem.dim).to(torch.float64)
-            floor = w2_error(prob.sample(n_sde, problem.t_min, generator=g, dtype=torch.float64), mean, var)
-        for nfe_target in nfes:
-            if info.stochastic and nfe_target > SDE_MAX_NFE:
-                continue
-            steps = steps_for(info, nfe_target)
+            floor = mc_floor(prob, problem.t_min, n_sde, mean, var, g)
+        for k, (steps, tol) in enumerate(_runs(info, nfes, tols)):
             t0 = time.perf_counter()
+            kw = dict(steps=steps) if tol is None else dict(rtol=tol, atol=tol)
             try:
                 if info.stochastic:
-                    x, meta = fs.sample(model, x_init, solver=name, steps=steps, t_max=t_max, t_min=problem.t_min,
-                                        seed=seed + steps, return_info=True)
+                    x, meta = fs.sample(model, x_init, solver=name, t_max=t_max, t_min=problem.t_min,
+                                        seed=seed + (steps if tol is None else k), return_info=True, **kw)
                     err = w2_error(x, mean, var)
                     extra = {"metric": "w2_marginal", "mc_floor": floor, "samples": n_sde}
                 else:
-                    x, meta = fs.sample(model, x_ode_n, solver=name, steps=steps, t_max=t_max,
-                                        t_min=problem.t_min, return_info=True)
+                    x, meta = fs.sample(model, x_ode_n, solver=name, t_max=t_max, t_min=problem.t_min,
+                                        return_info=True, **kw)
                     err = ode_error(x, exact_n)
-                    extra = {"metric": "rms_flow_map", "samples": n_ode}
+                    extra = {"metric": "rms_flow_map" if problem.exact_flow else "rms_reference", "samples": n_ode}
+                    if not problem.exact_flow:
+                        extra["reference_error"] = problem.ref_error[t_max]
+                if tol is not None:
+                    extra.update(rtol=tol, steps_taken=meta.get("steps"), rejected=meta.get("rejected"))
             except ValueError as e:  # a solver that cannot run this problem says why
                 rows.append({"problem": problem.name, "solver": name, "nfe": None, "steps": steps, "error": None,
                              "skipped": str(e)})
@@ -162,6 +183,10 @@ def markdown_table(rows, problem_names, solver_names, all_t_max=None):
                 continue
             metric = pts[0]["metric"]
             floor = f" (MC floor {pts[0]['mc_floor']:.1e})" if "mc_floor" in pts[0] else ""
+            if "reference_error" in pts[0]:
+                floor = f" (ref. err. {pts[0]['reference_error']:.0e})"
+            if "rtol" in pts[0]:
+                metric += ", adaptive: rtol = atol swept"
             if pts[0]["t_max"] != all_t_max.get(p, pts[0]["t_max"]):
                 metric += f", t_max={pts[0]['t_max']:g}"
             cells = [_fmt(error_at(pts, n)) for n in (10, 20, 50)]
@@ -228,15 +253,17 @@ def run_cli(args) -> int:
     if any(n <= 0 for n in nfes):
         raise SystemExit("--nfe values must be positive integers")
     n_ode, n_sde = (256, 2000) if args.quick else (ODE_SAMPLES, SDE_SAMPLES)
+    tols = QUICK_TOLS if args.quick else ADAPTIVE_TOLS
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(names) * len(solver_names) * len(nfes), desc="bench steps", file=sys.stderr)
+        total = sum(len(_runs(fs.get_solver(s).info, nfes, tols)) for s in solver_names) * len(names)
+        progress = tqdm(total=total, desc="bench steps", file=sys.stderr)
     t0 = time.perf_counter()
     rows = []
     for n in names:
-        rows += sweep_problem(all_problems[n], solver_names, nfes, n_ode, n_sde, args.seed, progress)
+        rows += sweep_problem(all_problems[n], solver_names, nfes, n_ode, n_sde, args.seed, progress, tols)
     if progress is not None:
         progress.close()
     elapsed = time.perf_counter() - t0
@@ -249,6 +276,8 @@ def run_cli(args) -> int:
         fh.write(header + "\n" + table + "\n")
     plot(rows, names, solver_names, png_path)
     meta = {"environment": environment(), "problems": {n: all_problems[n].description for n in names},
+            "reference_error": {n: all_problems[n].ref_error for n in names if all_problems[n].ref_error},
+            "adaptive_tolerances": tols,
             "dtype": "float64", "seed": args.seed, "nfe": nfes, "ode_samples": n_ode, "sde_samples": n_sde,
             "elapsed_s": elapsed, "rows": rows}
     with open(json_path, "w") as fh:
