@@ -23,8 +23,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("likelihood", help="log-likelihood cost: Hutchinson / exact / bare ODE solve (see bench/likelihood.py)",
                    add_help=False)
+    sub.add_parser("speed", help="fused step throughput vs copy bandwidth (see bench/speed.py)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] == "speed":
+        from .speed import main as speed_main
+
+        return speed_main(argv[1:]) or 0
     if argv and argv[0] == "likelihood":
         from .likelihood import main as likelihood_main
 

@@ -73,3 +73,19 @@ def test_mixture_reference_matches_scipy_and_reports_its_error():
             assert sol.success
             assert np.abs(sol.y[:, -1] - ref[i].numpy()).max() < 1e-8, (name, i)
         assert p.ref_error[p.t_max] < 1e-9
+
+
+def test_speed_bench_measures_bytes_against_copy():
+    """The speed bench's bookkeeping (timings themselves are never asserted): every case reports the
+    bytes it moves (copy: 2 x 4 bytes per float32 element; the fused update: 3 x 4) and its fraction
+    of the copy bandwidth at the same size."""
+    from bench import speed
+
+    rows, _ = speed.measure([10], torch.device("cpu"), repeats=2, noise_max=10, compile_twin=False)
+    by = {r["case"]: r for r in rows}
+    assert by["copy"]["bytes"] == 2 * 4 * 1024 and by["copy"]["frac_copy"] == 1.0
+    assert by["lincomb"]["bytes"] == by["lincomb+noise"]["bytes"] == 3 * 4 * 1024
+    for r in rows:
+        assert math.isclose(r["GBps"], r["bytes"] / r["median_s"] / 1e9)
+        assert math.isclose(r["frac_copy"], r["GBps"] / by["copy"]["GBps"])
+    assert "| copy |" in speed.markdown(rows)
