@@ -41,9 +41,10 @@ Integrators (time runs upward, t_min -> t_max): fixed-grid ``"euler"``, ``"midpo
 ``"rk4"`` (grids from ``flowsolve.grids``, flipped; coefficients planned once in float64 into device
 tables read through a device step index, x-updates by the fused ``lincomb`` kernel, no host sync in the
 loop) and adaptive ``"bosh3"`` (Bogacki & Shampine 1989, 3(2)) and ``"dopri5"`` (Dormand & Prince
-1980, 5(4)), both FSAL, with an error norm over x (per-sample RMS) and L, rtol/atol, and ONE host
-sync per step (the accept/reject decision); one step size is shared by the batch, so with an adaptive
-solver a sample's result depends (within the tolerance) on the batch it is in.
+1980, 5(4)), both FSAL (tableaus shared with the samplers: ``flowsolve/tableaus.py``), with an error norm
+over x (per-sample RMS) and L, rtol/atol, the PI step-size controller of ``flowsolve/controller.py``, and
+ONE host sync per step (the accept/reject decision); one step size is shared by the batch, so with an
+adaptive solver a sample's result depends (within the tolerance) on the batch it is in.
 
 No autograd graph outlives one model evaluation: every evaluation builds its graph locally (under
 ``torch.enable_grad()``, so the function works inside ``torch.no_grad()`` and ``torch.inference_mode()``),
@@ -59,13 +60,15 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
 
 import torch
 
 from . import grids as _grids
+from .controller import PIController
 from .kernels import MAX_INPUTS, hutchinson_accumulate, lincomb, probes_, resolve_backend, seed_tensor
 from .model import Model
+from .tableaus import TABLEAUS as _TABLEAUS
+from .tableaus import Tableau
 
 __all__ = ["log_likelihood", "bits_per_dim", "dequantize", "Tableau", "TABLEAUS", "DIVERGENCES", "AUTO_EXACT_MAX_DIM"]
 
@@ -77,68 +80,8 @@ _EXACT_CHUNK = 16  # basis vectors per batched VJP: fastest or within 10% of it 
 _EXACT_CHUNK_ELEMS = 1 << 22  # and at most ~4M elements of batched VJP output at once
 
 
-# ------------------------------------------------------------------------------------------------
-# Butcher tableaus (explicit, as data; each checks itself: rows of a sum to c, b sums to 1)
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tableau:
-    """An explicit Runge-Kutta method. ``b_low``: the embedded lower-order weights (adaptive methods)."""
-
-    name: str
-    order: int
-    a: tuple
-    b: tuple
-    c: tuple
-    b_low: tuple | None = None
-    order_low: int | None = None
-    fsal: bool = False
-    paper: str = ""
-
-    def __post_init__(self):
-        s = len(self.b)
-        if len(self.a) != s or len(self.c) != s:
-            raise ValueError(f"tableau {self.name}: a, b, c must have {s} stages.")
-        for i, row in enumerate(self.a):
-            if len(row) != i:
-                raise ValueError(f"tableau {self.name}: row {i} of a must have {i} entries (explicit method).")
-            if abs(sum(row) - self.c[i]) > 1e-14:
-                raise ValueError(f"tableau {self.name}: row {i} of a sums to {sum(row)}, not c[{i}] = {self.c[i]}.")
-        if abs(sum(self.b) - 1.0) > 1e-14 or (self.b_low is not None and abs(sum(self.b_low) - 1.0) > 1e-14):
-            raise ValueError(f"tableau {self.name}: the weights must sum to 1.")
-        if self.fsal and not (self.c[-1] == 1.0 and tuple(self.a[-1]) == tuple(self.b[:-1]) and self.b[-1] == 0.0):
-            raise ValueError(f"tableau {self.name}: FSAL needs the last stage to be the new point.")
-
-    @property
-    def adaptive(self) -> bool:
-        return self.b_low is not None
-
-    @property
-    def stages(self) -> int:
-        return len(self.b)
-
-
-TABLEAUS = {
-    t.name: t
-    for t in (
-        Tableau("euler", 1, ((),), (1.0,), (0.0,), paper="Euler"),
-        Tableau("midpoint", 2, ((), (0.5,)), (0.0, 1.0), (0.0, 0.5), paper="explicit midpoint (Runge 1895)"),
-        Tableau("heun", 2, ((), (1.0,)), (0.5, 0.5), (0.0, 1.0), paper="Heun / trapezoidal (Karras et al. 2022, Alg. 1)"),
-        Tableau("rk4", 4, ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6), (0.0, 0.5, 0.5, 1.0),
-                paper="classical Runge-Kutta (Kutta 1901)"),
-        Tableau("bosh3", 3, ((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)), (2 / 9, 1 / 3, 4 / 9, 0.0),
-                (0.0, 1 / 2, 3 / 4, 1.0), b_low=(7 / 24, 1 / 4, 1 / 3, 1 / 8), order_low=2, fsal=True,
-                paper="Bogacki & Shampine 1989, 3(2)"),
-        Tableau("dopri5", 5,
-                ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-                 (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-                 (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-                 (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
-                (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
-                (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-                b_low=(5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40), order_low=4,
-                fsal=True, paper="Dormand & Prince 1980, 5(4)"),
-    )
-}
+# Butcher tableaus: the shared ones (flowsolve/tableaus.py; each checks itself: rows of a sum to c, b sums to 1)
+TABLEAUS = {name: _TABLEAUS[name] for name in ("euler", "midpoint", "heun", "rk4", "bosh3", "dopri5")}
 
 
 def _closest(name, choices):
@@ -344,7 +287,7 @@ def _integrate_adaptive(field: _Field, x, acc, tab: Tableau, t_min, t_max, rtol,
         h = float(h0)
     span = t_max - t_min
     h = min(max(h, 1e-12 * span), span)
-    q = min(tab.order, tab.order_low)
+    ctrl = PIController(min(tab.order, tab.order_low))
     accepted = rejected = 0
     times = [t]
     while t < t_max:
@@ -378,7 +321,12 @@ def _integrate_adaptive(field: _Field, x, acc, tab: Tableau, t_min, t_max, rtol,
         sc_l = atol + rtol * torch.maximum(acc.abs(), acc_new.abs())
         e_l = (acc_err / sc_l).abs().amax(0)
         norm = float(torch.maximum(rms_x, e_l.to(rms_x.dtype)).max())  # the one host sync per step
-        if norm <= 1.0:
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"the error estimate of {tab.name!r} is not finite at t={t:.6g}: the model returned NaN/inf there."
+            )
+        ok, factor = ctrl.decide(norm)  # the shared PI controller (flowsolve/controller.py)
+        if ok:
             accepted += 1
             t = t_next
             times.append(t)
@@ -391,16 +339,6 @@ def _integrate_adaptive(field: _Field, x, acc, tab: Tableau, t_min, t_max, rtol,
                 stage(0, x, t)
         else:
             rejected += 1
-        if norm == 0.0 or not math.isfinite(norm):
-            if not math.isfinite(norm):
-                raise FloatingPointError(
-                    f"the error estimate of {tab.name!r} is not finite at t={t:.6g}: the model returned NaN/inf there."
-                )
-            factor = 10.0
-        else:
-            factor = min(10.0, max(0.2, 0.9 * norm ** (-1.0 / (q + 1))))
-        if norm > 1.0:
-            factor = min(factor, 1.0)
         h = h * factor
     return {"steps": accepted, "rejected": rejected, "grid": torch.tensor(times, dtype=torch.float64)}
 

@@ -1,8 +1,12 @@
-"""Shared test helpers: problems built from fs.analytic, a counting model wrapper, order fits."""
+"""Shared test helpers: problems built from fs.analytic, a counting model wrapper, order fits, and a
+dispatch mode that counts aten ops (``aten._local_scalar_dense`` is a device read from the host)."""
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowsolve as fs
 
@@ -42,3 +46,15 @@ def gaussian_problem(key, mu, std):
 def fitted_order(nfes, errors) -> float:
     """Least-squares slope of -log(error) against log(NFE)."""
     return float(-np.polyfit(np.log(np.asarray(nfes, float)), np.log(np.asarray(errors, float)), 1)[0])
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten op dispatched inside the ``with`` block, by overload packet name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

@@ -1,21 +1,12 @@
 """The sampling loop never reads device memory from the host: zero aten._local_scalar_dense calls."""
-import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowsolve as fs
+from helpers import CountOps
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _linear_eps(path):

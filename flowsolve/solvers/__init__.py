@@ -10,7 +10,10 @@ from .dpm_solver_pp import DPMSolverPP2M, DPMSolverPP3M
 from .ancestral import Ancestral
 from .edm_sde import EDMStochastic
 from .dpm_solver_pp_sde import DPMSolverPP2MSDE, DPMSolverPP3MSDE
+from .adaptive_rk import AdaptiveRungeKutta, Bosh3, Dopri5, Tsit5
 
-__all__ = ["AdaptiveSolver", "Plan", "Solver", "SolverInfo", "get_solver", "register", "solvers", "DDIM", "Euler", "EulerMaruyama", "Heun",
-           "RK4", "Midpoint", "RungeKutta", "ButcherTableau", "DPMSolver2", "DPMSolver3", "DPMSolverPP2M", "DPMSolverPP3M",
-           "Ancestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "EDMStochastic"]
+__all__ = ["AdaptiveSolver", "Plan", "Solver", "SolverInfo", "get_solver", "register", "solvers",
+           "DDIM", "Euler", "EulerMaruyama", "Heun", "RK4", "Midpoint", "RungeKutta", "ButcherTableau",
+           "DPMSolver2", "DPMSolver3", "DPMSolverPP2M", "DPMSolverPP3M",
+           "Ancestral", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "EDMStochastic",
+           "AdaptiveRungeKutta", "Bosh3", "Dopri5", "Tsit5"]

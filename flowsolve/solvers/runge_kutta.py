@@ -5,43 +5,18 @@ Stage i evaluates the model at y_i = x + h sum_j a_ij k_j, time t + c_i h, and k
 written by one fused call from (y_i, raw_i) with the velocity conversion folded in; the step ends
 with x + h sum_j b_j k_j. A step whose stage times cannot be evaluated (the last step *to* sigma = 0
 for an eps/score/x0 model) takes the tableau's ``fallback`` instead (one that does not evaluate at
-the end point), as EDM does for Heun. The tableau checks itself: each row of a sums to c, b sums to 1.
+the end point), as EDM does for Heun. The tableaus live in ``flowsolve/tableaus.py`` (shared with the
+adaptive solvers, the likelihood and ``fs.odeint``); each checks itself: each row of a sums to c, b sums to 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..tableaus import EULER, MIDPOINT, Tableau
+from ..tableaus import RK4 as RK4_TABLEAU
 from .base import Plan, Solver, SolverInfo, register, table
 
-
-@dataclass(frozen=True)
-class ButcherTableau:
-    a: tuple  # lower-triangular rows a[i] = (a_i0, ..., a_i,i-1); a[0] = ()
-    b: tuple
-    c: tuple
-    order: int
-
-    def __post_init__(self):
-        s = len(self.c)
-        if len(self.a) != s or len(self.b) != s or any(len(self.a[i]) != i for i in range(s)):
-            raise ValueError("tableau shapes do not match")
-        if abs(sum(self.b) - 1.0) > 1e-14:
-            raise ValueError("tableau: b must sum to 1")
-        for i in range(s):
-            if abs(sum(self.a[i]) - self.c[i]) > 1e-14:
-                raise ValueError(f"tableau: row {i} of a must sum to c[{i}]")
-
-    @property
-    def stages(self) -> int:
-        return len(self.c)
-
-
-MIDPOINT = ButcherTableau(a=((), (0.5,)), b=(0.0, 1.0), c=(0.0, 0.5), order=2)
-RK4 = ButcherTableau(a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
-                     c=(0.0, 0.5, 0.5, 1.0), order=4)
-EULER = ButcherTableau(a=((),), b=(1.0,), c=(0.0,), order=1)
+ButcherTableau = Tableau  # the shared tableau class (flowsolve/tableaus.py), under its historical name here
 
 
 class RungeKutta(Solver):
@@ -119,5 +94,5 @@ class RK4(RungeKutta):
 
     info = SolverInfo("rk4", order=4, nfe_per_step=4, stochastic=False, needs="velocity",
                       paper="classical RK4 (Hairer, Norsett & Wanner, Table II.1.2)")
-    tableau = RK4
+    tableau = RK4_TABLEAU
     fallback = MIDPOINT
