@@ -30,6 +30,13 @@ ORDER_NFES_RK4 = [256, 512, 1024, 2048]
 # below checks both at their nominal order.
 SUPERCONVERGENT = {("dpm++3m", key) for key in ("vp-eps", "rf-velocity", "edm-x0", "ve-eps", "subvp-score")} | {
     ("midpoint", "edm-x0"), ("midpoint", "rf-velocity")}
+# UniPC-3 is third order (its first warm-up step, UniP-1 + UniC-1, has local error O(h^3); measured 2.91-3.08
+# from t_max = 0.3 on VP and 0.6 on rectified flow, tests/test_unipc.py), but from the paths' t_max that step's
+# error is damped by ~e^{2 lambda(t_max)} and the fourth-order tail shows over NFE 128..1024 (measured 3.89-3.99
+# on Gaussian and mixture data). Asserted "at least the nominal order" on both problems.
+AT_LEAST_NOMINAL = {s.name for s in fs.solvers() if s.name.startswith("unipc3-")}
+SUPERCONVERGENT |= {(name, key) for name in AT_LEAST_NOMINAL
+                    for key in ("vp-eps", "rf-velocity", "edm-x0", "ve-eps", "subvp-score")}
 
 
 @st.composite
@@ -106,7 +113,7 @@ def test_measured_order_on_gaussian_mixture(seed, key):
         # ref_err is the 2048-step error, ~16x the 4096-step reference's own: keep 10x above it
         assert min(errors) > 10 * ref_err, (solver, errors, ref_err)
         order = fitted_order(ORDER_NFES, errors)
-        if abs(order - ORDERS[solver]) > 0.15:
+        if order < ORDERS[solver] - 0.15 or (order > ORDERS[solver] + 0.15 and solver not in AT_LEAST_NOMINAL):
             failures.append((solver, order, errors))
     assert not failures, (key, seed, failures)
 

@@ -70,6 +70,9 @@ class Solver:
     """Base class; subclasses set ``info`` and implement ``plan`` and ``step``."""
 
     info: SolverInfo
+    # True for a solver whose step n reuses a model evaluation made in step n-1 at the state it predicted
+    # (UniPC): nothing may move the state between its steps (predictor_corrector.py refuses it).
+    carries_evaluation: bool = False
 
     def plan(self, model, grid: torch.Tensor) -> Plan:
         raise NotImplementedError
