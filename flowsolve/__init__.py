@@ -40,10 +40,11 @@ from .langevin import annealed_langevin, langevin  # noqa: E402
 from .likelihood import bits_per_dim, dequantize, log_likelihood  # noqa: E402
 from .odeint import odeint  # noqa: E402
 from .sdeint import sdeint  # noqa: E402
+from . import distributed  # noqa: E402
 from .solvers import Solver, SolverInfo, get_solver, register  # noqa: E402
 from .solvers import solvers  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Model", "PREDICTS", "sample", "Sampler", "solvers", "Solver", "SolverInfo", "get_solver", "register",
-           "paths", "grids", "analytic", "kernels", "odeint", "sdeint",
+           "paths", "grids", "analytic", "kernels", "odeint", "sdeint", "distributed",
            "log_likelihood", "bits_per_dim", "dequantize", "likelihood", "langevin", "annealed_langevin"]

@@ -10,7 +10,8 @@ in [0, 1), z = sqrt(-2 log u1) cos(2 pi u2). Both uniforms are exact in fp32, so
 by the rounding of log / sqrt / cos. |z| <= 5.77 (u1 >= 2^-24): the tails beyond 5.77 sigma
 (probability 8e-9) are cut.
 
-Streams: 0 = per-step sampler noise, 1 = the initial state x(t_max), 2 = Hutchinson probes.
+Streams: 0 = per-step sampler noise, 1 = the initial state x(t_max), 2 = Hutchinson probes, 3 = the
+predictor-corrector Langevin corrector (step key n M + k), 8+ = extra noises within one step.
 """
 from __future__ import annotations
 
