@@ -89,3 +89,11 @@ def test_speed_bench_measures_bytes_against_copy():
         assert math.isclose(r["GBps"], r["bytes"] / r["median_s"] / 1e9)
         assert math.isclose(r["frac_copy"], r["GBps"] / by["copy"]["GBps"])
     assert "| copy |" in speed.markdown(rows)
+
+
+def test_reach_cell_says_when_the_first_point_is_already_below_the_level():
+    pts = [{"nfe": 29, "error": 2e-3}, {"nfe": 40, "error": 1e-4}]
+    assert B._reach_cell(pts, 1e-2) == "<= 29"  # never above 1e-2: reached at or before the first point
+    mid = B._reach_cell(pts, 1e-3)
+    assert mid == f"{B.nfe_to_reach(pts, 1e-3):.0f}" and 29 < float(mid) < 40
+    assert B._reach_cell(pts, 1e-5) == "—"
