@@ -196,9 +196,10 @@ class VPCosine(GaussianPath):
     def log_alpha(self, t):
         # cos(phi)/cos(phi0) = 1 - 2 sin(phi0 + d/2) sin(d/2) / cos(phi0), d = phi - phi0: log1p keeps the
         # digits near t = 0; the clamp keeps sigma^2 = -expm1(2 log alpha) >= 0 under rounding
+        # clamp the log1p argument at -1 as well: at t = 1 (alpha = 0) it rounds below -1 in float32 (NaN)
         d = math.pi / 2.0 * _as_tensor(t) / (1.0 + self.s)
-        return torch.clamp(torch.log1p(-2.0 * torch.sin(self._phi0 + d / 2) * torch.sin(d / 2) / math.cos(self._phi0)),
-                           max=0.0)
+        arg = -2.0 * torch.sin(self._phi0 + d / 2) * torch.sin(d / 2) / math.cos(self._phi0)
+        return torch.clamp(torch.log1p(torch.clamp(arg, min=-1.0)), max=0.0)
 
     def d_log_alpha(self, t):
         return -torch.tan(self._phi(t)) * (math.pi / 2.0 / (1.0 + self.s))

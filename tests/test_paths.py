@@ -270,6 +270,23 @@ def test_ends_are_finite(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_ends_have_no_nan_in_float32(name):
+    """The same ends in float32 (the default state dtype): no method returns NaN (VPCosine at t = 1 did:
+    its log1p argument rounds below -1), alpha in [0, 1], sigma >= 0, and t_of_lambda(lam(t)) returns t to
+    float32 rounding (1e-5: ~100 ulps through log, sigmoid and atan2)."""
+    p = PATHS[name]
+    ends = sorted({p.t_min, p.t_max} | ({1.0} if p.t_hi == 1.0 else set()))
+    for t0 in ends:
+        t = torch.tensor(t0, dtype=torch.float32)
+        vals = {m: getattr(p, m)(t) for m in METHODS}
+        for m, v in vals.items():
+            assert v.dtype == torch.float32 and not bool(torch.isnan(v)), (name, m, t0, v)
+        assert 0 <= float(vals["alpha"]) <= 1 and float(vals["sigma"]) >= 0, (name, t0, vals)
+        back = float(p.t_of_lambda(p.lam(t)))
+        assert abs(back - t0) <= 1e-5 * max(1.0, t0), (name, t0, back)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_methods_keep_dtype_and_shape(name):
     """float32 in, float32 out; a [B] time gives a [B] result; float32 agrees with float64 to float32 rounding
     (1e-5 relative: ~100 float32 ulps for a handful of exp/log/expm1 on O(10) arguments)."""
