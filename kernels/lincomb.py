@@ -100,6 +100,13 @@ def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream
     else:
         row = coef.index_select(0, step.reshape(1)).reshape(-1)  # device-side row: no host sync
     k = len(inputs)
+    if torch.compiler.is_compiling():
+        # under torch.compile: written out of place and copied, which is correct whatever aliases out (storage
+        # pointers cannot be traced); inductor fuses the sum and the copy into one pass
+        acc = sum(inputs[i].to(coef.dtype) * row[i] for i in range(k))
+        if seed is not None:
+            acc = acc + keyed_normal_like_torch(out, seed, step, sample_offset, stream).to(coef.dtype) * row[k]
+        return out.copy_(acc)
     order = list(range(k))
     storage = out.untyped_storage().data_ptr()
     shares = [i for i in order if inputs[i].untyped_storage().data_ptr() == storage]
