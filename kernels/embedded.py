@@ -43,6 +43,7 @@ import torch
 from .backend import HAS_TRITON, resolve_backend
 from .lincomb import MAX_INPUTS
 from .philox import STREAM_STEP, _check_keys, keyed_normal_like_torch
+from .reduce import rowsum_fixed_chunks
 
 _TILE = 1024  # elements of one [ROWS, BLOCK] tile (as lincomb's BLOCK: ~8 per thread per live tensor at 4 warps)
 _MAX_BLOCK = 1024
@@ -200,14 +201,7 @@ def _validate(out, err_norm, inputs, coef, err_coef, step, x_ref, rtol, atol):
 
 def _rowsum(p: torch.Tensor) -> torch.Tensor:
     """Per-row sums of a [B, n] tensor in fixed chunks: bitwise independent of B."""
-    rows, n = p.shape
-    m = n // _TWIN_CHUNK
-    if m == 0:
-        return p.sum(1)
-    tot = p[:, : m * _TWIN_CHUNK].reshape(rows, m, _TWIN_CHUNK).sum(2).sum(1)
-    if n > m * _TWIN_CHUNK:
-        tot = tot + p[:, m * _TWIN_CHUNK:].sum(1)
-    return tot
+    return rowsum_fixed_chunks(p, _TWIN_CHUNK)
 
 
 _SCRATCH: "collections.OrderedDict" = collections.OrderedDict()

@@ -44,6 +44,7 @@ import torch
 
 from .backend import HAS_TRITON, resolve_backend
 from .philox import MASK32, STREAM_PROBE, keyed_normal_torch, philox4x32_10_torch
+from .reduce import rowsum_fixed_chunks
 
 PROBES = ("rademacher", "gaussian")
 _KIND = {"rademacher": 0, "gaussian": 1}
@@ -186,15 +187,7 @@ def probes_(out: torch.Tensor, seed: torch.Tensor, *, kind: str = "rademacher", 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row dot products of [R, n] tensors in fixed chunks: bitwise independent of R."""
-    rows, n = a.shape
-    p = a * b
-    m = n // _TWIN_CHUNK
-    if m == 0:
-        return p.sum(1)
-    tot = p[:, : m * _TWIN_CHUNK].reshape(rows, m, _TWIN_CHUNK).sum(2).sum(1)
-    if n > m * _TWIN_CHUNK:
-        tot = tot + p[:, m * _TWIN_CHUNK:].sum(1)
-    return tot
+    return rowsum_fixed_chunks(a * b, _TWIN_CHUNK)
 
 
 def hutchinson_accumulate_torch(acc, vjp, coef, step, probes=None, seed=None, *, kind="rademacher",
