@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["flowsolve", "flowsolve.solvers", "flowsolve.kernels", "bench"],
+    packages=["flowsolve", "flowsolve.solvers", "flowsolve.adapters", "flowsolve.kernels", "bench", "bench.peers"],
     package_dir={"flowsolve.kernels": "kernels"},
     install_requires=[
         "torch>=2.3",
@@ -20,8 +20,13 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "scipy"],
-        "bench": ["matplotlib", "tqdm"],
+        # peers for agreement tests and side-by-side benchmarks; none of them pins torch beyond what
+        # 2.13.0 satisfies. k-diffusion itself is installed with --no-deps (see README): its
+        # dependencies include torchvision, which would replace torch.
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "scipy", "tqdm", "matplotlib",
+                 "diffusers", "torchdiffeq", "torchsde"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "scipy"],
+        "peers": ["diffusers", "torchdiffeq", "torchsde", "scipy", "tqdm"],
     },
     entry_points={"console_scripts": ["flowsolve-bench=bench.__main__:main"]},
 )
