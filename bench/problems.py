@@ -1,18 +1,31 @@
 """The built-in benchmark problems: analytic data under a path, a model made from its closed forms,
-an exact initial law, and a reference endpoint (the exact flow map for Gaussian data; a float64
-RK4 solve on a fine grid, its own error estimated by step halving, for Gaussian mixtures) and the
-exact marginal moments for SDE solvers."""
+an exact initial law, and a reference endpoint (the exact flow map for Gaussian data, FORMULAS.md §3;
+a float64 RK4 solve refined by step doubling until its own error, estimated by Richardson's rule
+err(N) ~ |x_N - x_{N/2}| / (2^4 - 1) for a fourth-order method, is below ``REF_TOL``, for Gaussian
+mixtures, FORMULAS.md §4) and the exact marginal moments for SDE solvers. The likelihood problems
+carry the exact log-density (FORMULAS.md §3-4) that ``log_likelihood`` (Chen et al. 2018, FORMULAS.md §6)
+is scored against.
+
+Mixture references are cached on disk (``$FLOWSOLVE_BENCH_CACHE``, default ``~/.cache/flowsolve/bench``),
+keyed by a hash of everything they depend on: the problem's parameters, the start points, the range,
+grid and tolerance, and the source of the library files that compute them.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 import flowsolve as fs
 
-# Gaussian-mixture reference: RK4 with REF_STEPS steps on the path's reference grid, and half as many
-# steps to estimate its error (RK4 is fourth order: err(REF_STEPS) ~ |x_ref - x_half| / 15).
-REF_STEPS = 4096
+# Gaussian-mixture reference: RK4 on the problem's reference grid, steps doubled from REF_MIN_STEPS until the
+# halving estimate of its RMS error is below REF_TOL. The smallest mixture error in the table is ~1e-7
+# (adaptive solvers at rtol 1e-6), so 1e-10 keeps the reference >= 1000x more accurate than anything it scores.
+REF_TOL = 1e-10
+REF_MIN_STEPS, REF_MAX_STEPS = 256, 16384
+_SOURCES = ("analytic.py", "paths.py", "grids.py", "sample.py", "model.py", "solvers/runge_kutta.py")
 
 
 @dataclass
@@ -26,26 +39,100 @@ class Problem:
     t_min: float
     dim: int
     ref_grid: str | None = None  # the grid of the float64 reference solve (mixtures only)
+    sde: bool = True  # sweep the SDE solvers here (weak error vs the exact marginal)
+    n_sde: int = 8192  # SDE samples: sets the Monte-Carlo floor ~ sqrt(1.5 var / n) of the W2 statistic
+    kind: str = "sample"  # "sample": fs.sample sweeps; "likelihood": log_likelihood sweeps
     ref_error: dict = field(default_factory=dict)  # t_max -> estimated RMS error of the reference
+    ref_steps: dict = field(default_factory=dict)  # t_max -> RK4 steps of the reference
+    cache_hits: int = 0
 
     def model(self) -> fs.Model:
-        return fs.Model(getattr(self.prob, self.predicts), self.path, predicts=self.predicts)
+        return fs.Model(_SharedTime(getattr(self.prob, self.predicts)), self.path, predicts=self.predicts)
 
     @property
     def exact_flow(self) -> bool:
         return isinstance(self.prob, fs.analytic.Gaussian)
 
-    def reference(self, x_T: torch.Tensor, t_max: float) -> torch.Tensor:
-        """The endpoint at t_min of the ODE started from x_T at t_max: exact for Gaussian data, else a
-        float64 RK4 solve with REF_STEPS steps (its estimated error is kept in ``ref_error[t_max]``)."""
+    def params(self) -> dict:
+        """Everything the problem's numbers depend on (for the cache key and the JSON)."""
+        p = self.prob
+        tensors = {k: getattr(p, k) for k in ("mu", "std", "rotation", "means", "stds", "weights")
+                   if getattr(p, k, None) is not None}
+        return {"class": type(p).__name__, "path": type(self.path).__name__,
+                "path_range": [self.path.t_min, self.path.t_max], "predicts": self.predicts,
+                "t_max": self.t_max, "t_min": self.t_min, "dim": self.dim, "ref_grid": self.ref_grid,
+                "tensors": tensors}
+
+    def reference(self, x_T: torch.Tensor, t_max: float, tol: float = REF_TOL, cache: bool = True) -> torch.Tensor:
+        """The endpoint at t_min of the PF-ODE started from x_T at t_max: exact for Gaussian data, else a float64
+        RK4 solve, steps doubled until its estimated RMS error <= ``tol`` (kept in ``ref_error[t_max]``)."""
         if self.exact_flow:
             return self.prob.flow(x_T, t_max, self.t_min)
+        path = _cache_path(self, x_T, t_max, tol) if cache else None
+        if path is not None and os.path.isfile(path):
+            try:
+                saved = torch.load(path)
+                self.ref_error[t_max], self.ref_steps[t_max] = saved["error"], saved["steps"]
+                self.cache_hits += 1
+                return saved["ref"]
+            except Exception:  # a truncated or foreign file: recompute
+                pass
         model = self.model()
         kw = dict(solver="rk4", grid=self.ref_grid, t_max=t_max, t_min=self.t_min)
-        ref = fs.sample(model, x_T, steps=REF_STEPS, **kw)
-        half = fs.sample(model, x_T, steps=REF_STEPS // 2, **kw)
-        self.ref_error[t_max] = float((ref - half).pow(2).mean().sqrt()) / 15.0
-        return ref
+        steps = REF_MIN_STEPS
+        coarse = fs.sample(model, x_T, steps=steps // 2, **kw)
+        while True:
+            fine = fs.sample(model, x_T, steps=steps, **kw)
+            err = float((fine - coarse).pow(2).mean().sqrt()) / 15.0
+            if err <= tol or steps >= REF_MAX_STEPS:
+                break
+            coarse, steps = fine, 2 * steps
+        self.ref_error[t_max], self.ref_steps[t_max] = err, steps
+        if path is not None:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save({"ref": fine, "error": err, "steps": steps}, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            except OSError:  # a read-only home: run without the cache
+                pass
+        return fine
+
+
+class _SharedTime:
+    """The closed form called with one time when the whole batch shares it (fs.sample's loop and log_likelihood
+    evaluate every sample at the same planned time): the mixture's per-component [K, D] variances are then
+    computed once, not per sample. Same arithmetic per element (bitwise-equal output), fewer transcendental evaluations."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x, t):
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1 and bool((t == t[0]).all()):
+            t = t[:1]
+        return self.fn(x, t)
+
+
+def cache_dir() -> str:
+    return os.environ.get("FLOWSOLVE_BENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flowsolve", "bench"))
+
+
+def _cache_path(problem: Problem, x_T: torch.Tensor, t_max: float, tol: float) -> str:
+    h = hashlib.sha256()
+    params = problem.params()
+    for k, v in sorted(params.pop("tensors").items()):
+        h.update(k.encode())
+        h.update(v.to(torch.float64).contiguous().numpy().tobytes())
+    h.update(repr(sorted(params.items())).encode())
+    h.update(repr((float(t_max), float(tol), REF_MIN_STEPS, REF_MAX_STEPS, str(x_T.dtype), tuple(x_T.shape))).encode())
+    h.update(x_T.detach().contiguous().numpy().tobytes())
+    root = os.path.dirname(os.path.abspath(fs.__file__))
+    for src in _SOURCES:
+        try:
+            with open(os.path.join(root, src), "rb") as fh:
+                h.update(fh.read())
+        except OSError:
+            h.update(src.encode())
+    return os.path.join(cache_dir(), f"{problem.name}-{h.hexdigest()[:20]}.pt")
 
 
 def _gaussian_data(dim: int, seed: int):
@@ -64,25 +151,59 @@ def _mixture_data(seed: int, components: int = 4, dim: int = 2):
     return means, stds, weights
 
 
+def _mixture16_data(seed: int, components: int = 6, dim: int = 16):
+    """Anisotropic 16-D mixture: means ~ N(0, I), per-dimension stds ~ U(0.1, 0.8) (an 8:1 spread within a
+    component), weights ~ 0.5 + U(0, 1). ``fs.analytic.GaussianMixture`` has diagonal components only, so the
+    anisotropy is per dimension (no rotation)."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    means = torch.randn(components, dim, generator=g, dtype=torch.float64)
+    stds = 0.1 + 0.7 * torch.rand(components, dim, generator=g, dtype=torch.float64)
+    weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
+    return means, stds, weights
+
+
 def problems(seed: int = 0) -> dict[str, Problem]:
-    """Name -> Problem. Gaussian data (D=16, mu ~ N(0,1), std ~ U(0.2, 1.5)) and a 4-component 2-D
-    Gaussian mixture, each under VP (eps model) and rectified flow (velocity model); fixed seed."""
+    """Name -> Problem. Gaussian data (D=16, mu ~ N(0,1), std ~ U(0.2, 1.5)) under VP (eps model) and rectified
+    flow (velocity model); a 4-component 2-D Gaussian mixture under VP, rectified flow and EDM (x0 model); a
+    6-component anisotropic 16-D mixture under VP, EDM and rectified flow; two log-likelihood problems. Fixed seed."""
     mu, std = _gaussian_data(16, seed)
     means, stds, weights = _mixture_data(seed)
-    vp, rf = fs.paths.VP(), fs.paths.RectifiedFlow()
+    m16, s16, w16 = _mixture16_data(seed)
+    vp, rf, edm = fs.paths.VP(), fs.paths.RectifiedFlow(), fs.paths.EDM()
+    mix = fs.analytic.GaussianMixture
+    ref = "ODE reference: float64 RK4 on the {} grid, steps doubled until its estimated error <= %.0e" % REF_TOL
+    g = torch.Generator().manual_seed(3000 + seed)
+    rot = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64)).Q
     out = [
-        Problem("gaussian-vp", "Gaussian data, VP path (linear beta), eps model, t in [1e-3, 1]",
-                fs.analytic.Gaussian(mu, std, vp), vp, "eps", vp.t_max, vp.t_min, 16),
-        Problem("gaussian-rf", "Gaussian data, rectified-flow path, velocity model, t in [0, 1] "
-                "(SDE solvers: t_max = 0.99, the reverse SDE is singular at t = 1)",
-                fs.analytic.Gaussian(mu, std, rf), rf, "velocity", rf.t_max, rf.t_min, 16),
+        Problem("gaussian-vp", "Gaussian data (D=16), VP path (linear beta), eps model, t in [1e-3, 1]; exact flow map",
+                fs.analytic.Gaussian(mu, std, vp), vp, "eps", vp.t_max, vp.t_min, 16, n_sde=4096),
+        Problem("gaussian-rf", "Gaussian data (D=16), rectified-flow path, velocity model, t in [0, 1]; exact flow map "
+                "(solvers singular at t = 1 start at t_max = 0.99)",
+                fs.analytic.Gaussian(mu, std, rf), rf, "velocity", rf.t_max, rf.t_min, 16, sde=False),
         Problem("mixture-vp", "4-component anisotropic Gaussian mixture in 2-D, VP path, eps model, t in [1e-3, 1]; "
-                f"ODE reference: float64 RK4, {REF_STEPS} logsnr steps",
-                fs.analytic.GaussianMixture(means, stds, weights, vp), vp, "eps", vp.t_max, vp.t_min, 2,
-                ref_grid="logsnr"),
+                + ref.format("logsnr"), mix(means, stds, weights, vp), vp, "eps", vp.t_max, vp.t_min, 2,
+                ref_grid="logsnr", n_sde=8192),
         Problem("mixture-rf", "4-component anisotropic Gaussian mixture in 2-D, rectified flow, velocity model, "
-                f"t in [0, 1]; ODE reference: float64 RK4, {REF_STEPS} uniform steps",
-                fs.analytic.GaussianMixture(means, stds, weights, rf), rf, "velocity", rf.t_max, rf.t_min, 2,
-                ref_grid="uniform"),
+                "t in [0, 1]; " + ref.format("uniform"), mix(means, stds, weights, rf), rf, "velocity",
+                rf.t_max, rf.t_min, 2, ref_grid="uniform", sde=False),
+        Problem("mixture-edm", "4-component anisotropic Gaussian mixture in 2-D, EDM path (sigma in [0.002, 80]), "
+                "x0 model; " + ref.format("logsnr (uniform in log sigma)"), mix(means, stds, weights, edm), edm,
+                "x0", edm.t_max, edm.t_min, 2, ref_grid="logsnr", n_sde=8192),
+        Problem("mixture16-vp", "6-component Gaussian mixture in 16-D, per-dimension stds U(0.1, 0.8), VP path, "
+                "eps model; " + ref.format("logsnr"), mix(m16, s16, w16, vp), vp, "eps", vp.t_max, vp.t_min, 16,
+                ref_grid="logsnr", sde=False),
+        Problem("mixture16-edm", "6-component Gaussian mixture in 16-D, per-dimension stds U(0.1, 0.8), EDM path, "
+                "x0 model; " + ref.format("logsnr (uniform in log sigma)"), mix(m16, s16, w16, edm), edm, "x0",
+                edm.t_max, edm.t_min, 16, ref_grid="logsnr", sde=False),
+        Problem("mixture16-rf", "6-component Gaussian mixture in 16-D, per-dimension stds U(0.1, 0.8), rectified "
+                "flow, velocity model; " + ref.format("uniform"), mix(m16, s16, w16, rf), rf, "velocity",
+                rf.t_max, rf.t_min, 16, ref_grid="uniform", sde=False),
+        Problem("loglik-gaussian-rf", "log-likelihood: D=16 Gaussian with a full (randomly rotated) covariance, "
+                "rectified flow, velocity model; |log p - exact log p| (nats) at exact data samples, exact divergence, "
+                "exact prior log p_1", fs.analytic.Gaussian(mu, std, rf, rotation=rot), rf, "velocity",
+                rf.t_max, rf.t_min, 16, sde=False, kind="likelihood"),
+        Problem("loglik-mixture-vp", "log-likelihood: the 2-D mixture under VP (eps model), t in [1e-3, 1]; "
+                "|log p - exact log p| (nats), exact divergence, exact prior log p_1",
+                mix(means, stds, weights, vp), vp, "eps", vp.t_max, vp.t_min, 2, sde=False, kind="likelihood"),
     ]
     return {p.name: p for p in out}
