@@ -110,3 +110,6 @@ def _validate_user_grid(grid, path: GaussianPath, steps) -> torch.Tensor:
             f"grid spans [{float(t[-1])}, {float(t[0])}] but {type(path).__name__} is defined on [{path.t_lo}, {path.t_hi}]."
         )
     return t
+
+
+from .grid_optimize import clear_cache, optimize  # noqa: E402,F401  (optimized grids for a budget: grid_optimize.py)

@@ -58,3 +58,38 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+class Law:
+    """(Used by the Restart / SA-Solver / ER-SDE exact-law tests.) Exact law of an affine Gaussian recursion: S slots per dimension, each new slot an affine form over the old
+    slots, a constant and one standard normal z shared by the step (forms are [D, S + 2] tensors)."""
+
+    def __init__(self, mean, var, slots):
+        d = mean.numel()
+        self.S = slots
+        self.mean = torch.zeros(d, slots, dtype=torch.float64)
+        self.cov = torch.zeros(d, slots, slots, dtype=torch.float64)
+        self.mean[:, 0], self.cov[:, 0, 0] = mean, var
+
+    def _form(self, col, value=1.0):
+        f = torch.zeros(self.mean.shape[0], self.S + 2, dtype=torch.float64)
+        f[:, col] = value
+        return f
+
+    def slot(self, j):
+        return self._form(j)
+
+    def const(self, c):
+        return self._form(self.S, c)
+
+    def z(self):
+        return self._form(self.S + 1)
+
+    def update(self, forms):
+        M = torch.stack(forms, 1)
+        A, c, e = M[:, :, : self.S], M[:, :, self.S], M[:, :, self.S + 1]
+        self.mean = (A @ self.mean[:, :, None])[:, :, 0] + c
+        self.cov = A @ self.cov @ A.transpose(1, 2) + e[:, :, None] * e[:, None, :]
+
+    def result(self):
+        return self.mean[:, 0], self.cov[:, 0, 0]
