@@ -41,10 +41,14 @@ from .likelihood import bits_per_dim, dequantize, log_likelihood  # noqa: E402
 from .odeint import odeint  # noqa: E402
 from .sdeint import sdeint  # noqa: E402
 from . import distributed  # noqa: E402
+from . import adapters, cuda_graph, guidance  # noqa: E402
+from .guidance import CFG, classifier_free_guidance  # noqa: E402
+from .checks import check_model  # noqa: E402
 from .solvers import Solver, SolverInfo, get_solver, register  # noqa: E402
 from .solvers import solvers  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Model", "PREDICTS", "sample", "Sampler", "solvers", "Solver", "SolverInfo", "get_solver", "register",
-           "paths", "grids", "analytic", "kernels", "odeint", "sdeint", "distributed",
+           "paths", "grids", "analytic", "kernels", "odeint", "sdeint", "distributed", "adapters", "cuda_graph",
+           "guidance", "CFG", "classifier_free_guidance", "check_model",
            "log_likelihood", "bits_per_dim", "dequantize", "likelihood", "langevin", "annealed_langevin"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import STREAM_INIT, normal_, resolve_backend, seed_tensor
+from .checks import key_from_generator
 from .sample import Run, Sampler
 
 __all__ = ["GraphedSampler", "CUDAGraphCapture", "EagerReplay"]
@@ -161,11 +162,14 @@ class GraphedSampler:
             self._graphs[mode] = capture
         return self._graphs[mode]
 
+    @torch.no_grad()
     def sample(self, noise=None, *, seed=0) -> torch.Tensor:
         """Replay the captured loop for ``seed`` (int, torch.Generator or one-element tensor), from
         ``noise`` (a tensor of the captured shape: x(t_max) as in ``fs.sample``) or from keyed prior
         noise when ``noise`` is None. The first call of each kind records its graph. Returns x(t_min)
         as a new tensor."""
+        if isinstance(seed, torch.Generator):
+            seed = key_from_generator(seed)  # the same 64-bit key fs.sample derives from a generator
         self._seed.copy_(seed_tensor(seed, self.device))
         if noise is not None:
             if not isinstance(noise, torch.Tensor):

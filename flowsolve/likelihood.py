@@ -363,7 +363,8 @@ def _check_int(name, v, lo=1):
 
 def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: int | None = None, grid=None, *,
                    divergence: str = "auto", probes: int = 1, probe: str = "rademacher", seed=0, t_min=None,
-                   t_max=None, prior_log_prob=None, rtol: float = 1e-5, atol: float = 1e-5, h0: float | None = None,
+                   t_max=None, prior_log_prob=None, rtol: float | None = None, atol: float | None = None,
+                   h0: float | None = None,
                    max_steps: int = 10_000, exact_method: str = "vjp", chunk: int | None = None,
                    sample_offset: int = 0, backend: str | None = None, return_info: bool = False):
     """Per-sample log-density log p_{t_min}(x) of a model by the instantaneous change of variables.
@@ -382,8 +383,9 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         seed: int, torch.Generator or one-element int64 tensor: keys the probes per global sample.
         t_min, t_max: the integration range (default: the path's range).
         prior_log_prob: callable ``x_T -> [B]``; default N(0, sigma(t_max)^2 I) (see the module notes).
-        rtol, atol, h0, max_steps: adaptive solvers: tolerances, first step (default: Hairer's
-            heuristic), and the limit on attempted steps (a RuntimeError names the fix when reached).
+        rtol, atol, h0, max_steps: adaptive solvers: tolerances (default 1e-5 each), first step (default:
+            Hairer's heuristic), and the limit on attempted steps (a RuntimeError names the fix when reached).
+            Passing rtol/atol/h0 with a fixed-grid solver is an error (they would be ignored).
         exact_method: "vjp" (batched VJPs with basis vectors) | "jacrev" (torch.func vmap(jacrev)).
         chunk: basis vectors per batched VJP / jacrev chunk (default: 16, fewer if the batched VJP output
             would exceed ~4M elements; jacrev: all at once).
@@ -409,8 +411,9 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
             f"x has dtype {x.dtype}; log_likelihood needs floating-point data. Dequantize integer (e.g. 8-bit) data "
             f"first: flowsolve.likelihood.dequantize(x, n_bits=8), and report bits_per_dim(...) with the offset."
         )
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"x must be batch-first [B, *event] with B >= 1; got shape {tuple(x.shape)}.")
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must be batch-first [B, *event] with B >= 1 and no empty dimension; got shape "
+                         f"{tuple(x.shape)}. Use x.reshape(B, -1) for flat data.")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}.{_closest(divergence, DIVERGENCES)}")
     if probe not in PROBE_KINDS:
@@ -430,6 +433,16 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         raise TypeError(f"prior_log_prob must be a callable x_T -> [B] log-densities; got {type(prior_log_prob).__name__}.")
     tab = TABLEAUS[solver]
     path = model.path
+    if not tab.adaptive and (rtol is not None or atol is not None or h0 is not None):
+        raise ValueError(
+            f"rtol/atol/h0 apply to the adaptive solvers (bosh3, dopri5); solver={solver!r} is a fixed-grid solver: "
+            f"pass steps= (and grid=) instead, or solver='dopri5' to set tolerances."
+        )
+    if not bool(torch.isfinite(x).all()):  # one host read before the integration, never inside it
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"x contains NaN/inf in samples {bad[:8]}; the log-likelihood needs finite data.")
+    rtol = 1e-5 if rtol is None else rtol
+    atol = 1e-5 if atol is None else atol
     if tab.adaptive:
         if steps is not None or grid is not None:
             raise ValueError(
@@ -447,6 +460,10 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         grid_up = _increasing_grid(path, grid, steps, t_min, t_max)
         lo, hi = float(grid_up[0]), float(grid_up[-1])
 
+    from .checks import check_f32_times
+
+    check_f32_times([lo, hi], torch.float64 if x.dtype == torch.float64 else torch.float32,
+                    f"the integration range of {solver}")
     with torch.inference_mode(False), torch.no_grad():
         state = x.detach()
         if state.dtype not in (torch.float32, torch.float64):
@@ -474,6 +491,15 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
             )
         delta = acc.mean(0)
         logp = prior.to(dtype_acc) + delta
+        finite = torch.isfinite(logp)
+        if not bool(finite.all()):  # one host read after the integration: never return a silent NaN
+            bad = (~finite).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"log_likelihood gave NaN/inf for samples {bad[:8]} with {solver} on [{lo:.3g}, {hi:.3g}]: the "
+                f"{model.predicts}-model's velocity is too stiff there for this grid (its conversion grows like "
+                f"1/sigma or 1/alpha near the ends). Raise t_min / lower t_max, use more steps or solver='dopri5', "
+                f"or run with fs.Model(..., check_finite=True) to find the evaluation."
+            )
         if mode == "exact":
             stderr = torch.zeros_like(logp)
         elif k == 1:

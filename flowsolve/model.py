@@ -47,7 +47,10 @@ class Model:
         check_finite: check every model output for NaN/inf (one host sync per evaluation; off by
             default so that the sampling loop never syncs).
 
-    The callable must treat samples independently (needed for per-sample noise and divergence).
+    The callable must treat samples independently (needed for per-sample noise and divergence);
+    ``fs.check_model(model, x, t)`` tests it. The output must be a floating-point tensor on x's device;
+    a float16/bfloat16 output (half weights, autocast) is cast to x's dtype, so the solver state and
+    its coefficients stay in fp32/fp64.
     """
 
     def __init__(self, fn, path: GaussianPath, predicts: str = "eps", time_convention: str = "diffusion",
@@ -56,14 +59,16 @@ class Model:
             raise TypeError(f"fn must be callable as fn(x, t) -> tensor; got {type(fn).__name__}.")
         if not isinstance(path, GaussianPath):
             raise TypeError(f"path must be a flowsolve.paths object such as fs.paths.VP(); got {type(path).__name__}.")
-        if predicts not in PREDICTS:
+        if not isinstance(predicts, str) or predicts not in PREDICTS:
             raise ValueError(f"predicts={predicts!r} is not one of {PREDICTS}.{_closest(predicts, PREDICTS)}")
-        if time_convention not in TIME_CONVENTIONS:
+        if not isinstance(time_convention, str) or time_convention not in TIME_CONVENTIONS:
             raise ValueError(
                 f"time_convention={time_convention!r} is not one of {TIME_CONVENTIONS}.{_closest(time_convention, TIME_CONVENTIONS)}"
             )
         if time_convention == "flow" and not (path.t_lo == 0.0 and path.t_hi == 1.0):
             raise ValueError("time_convention='flow' maps t -> 1 - t and needs a path on [0, 1] (e.g. fs.paths.RectifiedFlow()).")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite={check_finite!r} must be True or False.")
         self.fn, self.path, self.predicts = fn, path, predicts
         self.time_convention, self.check_finite = time_convention, bool(check_finite)
         # Lipman's velocity points from noise to data: in our time it is the negative
@@ -81,6 +86,19 @@ class Model:
                 f"the model's output has shape {tuple(out.shape)} but its input x has shape {tuple(x.shape)}; "
                 f"fn(x, t) must return a {self.predicts} prediction shaped like x."
             )
+        if out.device != x.device:
+            raise ValueError(
+                f"the model's output is on {out.device} but its input x is on {x.device}; move the model to x's "
+                f"device (model.to({str(x.device)!r})) or pass device= / a state tensor on the model's device."
+            )
+        if not out.is_floating_point():
+            raise TypeError(
+                f"the model returned dtype {out.dtype}; fn(x, t) must return a floating-point {self.predicts} prediction."
+            )
+        if out.dtype != x.dtype:
+            # a half-precision network (fp16/bf16 weights or autocast): the solver state and its coefficients stay
+            # in x's dtype (fp32/fp64), so the update is accumulated there, never in half (DESIGN.md, "Dtypes")
+            out = out.to(x.dtype)
         return out
 
     # ------------------------------------------------------------------ conversions

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .checks import check_path_args
+
 __all__ = ["GaussianPath", "VP", "VPCosine", "SubVP", "VE", "EDM", "RectifiedFlow"]
 
 
@@ -124,6 +126,8 @@ class VP(_LinearBetaMixin, GaussianPath):
     default_grid = "logsnr"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        check_path_args(type(self).__name__, t_min=t_min, t_max=t_max, nonnegative=[("beta_min", beta_min)],
+                        positive=[("beta_max", beta_max)])
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
@@ -155,6 +159,8 @@ class SubVP(_LinearBetaMixin, GaussianPath):
     default_grid = "logsnr"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        check_path_args(type(self).__name__, t_min=t_min, t_max=t_max, nonnegative=[("beta_min", beta_min)],
+                        positive=[("beta_max", beta_max)])
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
@@ -186,6 +192,7 @@ class VPCosine(GaussianPath):
     default_grid = "logsnr"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        check_path_args(type(self).__name__, t_min=t_min, t_max=t_max, positive=[("s", s)])
         self.s = float(s)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self._phi0 = math.pi / 2.0 * self.s / (1.0 + self.s)
@@ -234,6 +241,8 @@ class VE(GaussianPath):
     default_grid = "edm"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0, t_max: float = 1.0):
+        check_path_args(type(self).__name__, t_min=t_min, t_max=t_max, positive=[("sigma_min", sigma_min)],
+                        increasing=(("sigma_min", sigma_min), ("sigma_max", sigma_max)))
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -265,6 +274,8 @@ class EDM(GaussianPath):
     default_grid = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        check_path_args(type(self).__name__, positive=[("sigma_min", sigma_min)],
+                        increasing=(("sigma_min", sigma_min), ("sigma_max", sigma_max)))
         self.t_min, self.t_max = float(sigma_min), float(sigma_max)
 
     def log_alpha(self, t):
@@ -298,6 +309,7 @@ class RectifiedFlow(GaussianPath):
     default_grid = "uniform"
 
     def __init__(self, t_min: float = 0.0, t_max: float = 1.0):
+        check_path_args(type(self).__name__, t_min=t_min, t_max=t_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
     def log_alpha(self, t):

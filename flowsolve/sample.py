@@ -8,10 +8,13 @@ no ``.item()``, no Python float computed per step (tested with a TorchDispatchMo
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
+from . import checks as _checks
 from . import grids as _grids
-from .kernels import STREAM_INIT, STREAM_STEP, lincomb, normal_, resolve_backend, seed_tensor
+from .kernels import STREAM_INIT, STREAM_STEP, lincomb, lincomb_torch, normal_, resolve_backend, seed_tensor
 from .model import Model
 from .solvers.base import AdaptiveSolver, Plan, get_solver
 
@@ -20,7 +23,7 @@ class Run:
     """The state of one sampling run: device tables, buffers, step index, seed, NFE count."""
 
     def __init__(self, model: Model, plan: Plan, x: torch.Tensor, seed: torch.Tensor, backend: str,
-                 sample_offset: int, check_finite: bool):
+                 sample_offset: int, check_finite: bool, denoise: bool = False):
         self.model, self.plan, self.x = model, plan, x
         self.backend, self.sample_offset, self.check_finite = backend, sample_offset, check_finite
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -32,6 +35,27 @@ class Run:
         self._buffers: dict[str, torch.Tensor] = {}
         self._history: dict[str, list[torch.Tensor]] = {}
         self._n = 0
+        # CPU tensors on the torch twin: host and device memory are one, so the step's coefficients and times are
+        # read as Python floats by the Python step number instead of through the device step index (same values;
+        # a few tensor ops fewer per step, most of a small batch's cost). CUDA, Triton and torch.compile keep the
+        # device-index path that CUDA graphs and fullgraph tracing need.
+        self._host_rows = self._host_t = None
+        if x.device.type == "cpu" and backend == "torch" and not torch.compiler.is_compiling():
+            self._host_rows = {k: v.tolist() for k, v in self.tables.items()}
+            self._host_t = self.t_eval.tolist()
+        # the x0 prediction of the first evaluation of each step, for callback(..., denoised=): planned only when
+        # a callback asks for it (float64 conversion rows per evaluation column, moved to the device once)
+        self.denoised: torch.Tensor | None = None
+        self._x0_rows, self._x0_ok = None, None
+        if denoise:
+            n, cols = plan.t_eval.shape
+            flat = plan.t_eval.reshape(-1)
+            ok = torch.isfinite(flat)
+            ok[ok.clone()] = model.can_convert("x0", flat[ok])
+            a, b = model._raw_conversion("x0", torch.where(ok, flat, torch.zeros_like(flat)))
+            rows = torch.stack([a.where(ok, torch.zeros_like(a)), b.where(ok, torch.zeros_like(b))], 1)
+            self._x0_rows = rows.reshape(n, cols, 2).to(device=x.device, dtype=acc)
+            self._x0_ok = ok.reshape(n, cols).tolist()
 
     def buffer(self, name: str) -> torch.Tensor:
         """A state-shaped scratch tensor, allocated once per run."""
@@ -54,9 +78,15 @@ class Run:
 
     def evaluate(self, x: torch.Tensor, col: int) -> torch.Tensor:
         """The raw model output at the planned time ``t_eval[step, col]``, as a [B] time tensor."""
-        t = self.t_eval.index_select(0, self.step_index).select(1, col).expand(x.shape[0])
-        out = self.model(x, t)
+        if self._host_t is not None and not torch.compiler.is_compiling():
+            t = torch.full((x.shape[0],), self._host_t[self._n][col], dtype=self.t_eval.dtype, device=x.device)
+        else:
+            t = self.t_eval.index_select(0, self.step_index).select(1, col).expand(x.shape[0])
+        out = self.model(x, t)  # Model.__call__ casts a half-precision output to x's (the state's) dtype
         self.nfe += 1
+        if self._x0_ok is not None and self.denoised is None and self._x0_ok[self._n][col]:
+            row = self._x0_rows.index_select(0, self.step_index)[0, col]
+            self.denoised = x.to(row.dtype) * row[0] + out.to(row.dtype) * row[1]
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise FloatingPointError(
                 f"the model returned NaN/inf at step {self._n} (t={self.plan.t_eval[self._n, col].item():.6g}, "
@@ -67,12 +97,17 @@ class Run:
     def combine(self, out: torch.Tensor, inputs, table: str, noise: bool = False, stream: int = STREAM_STEP) -> torch.Tensor:
         """``out = sum_i C[step, i] inputs[i] (+ C[step, K] z)`` with the fused kernel; a solver drawing
         several noises in one step gives each its own ``stream`` (STREAM_STEP + 8, + 9, ...)."""
+        if self._host_rows is not None and not torch.compiler.is_compiling():
+            return lincomb_torch(out, inputs, self.tables[table], self.step_index, self.seed if noise else None,
+                                 sample_offset=self.sample_offset, stream=stream,
+                                 host_row=self._host_rows[table][self._n])
         return lincomb(out, inputs, self.tables[table], self.step_index, self.seed if noise else None,
                        sample_offset=self.sample_offset, stream=stream, backend=self.backend)
 
     def advance(self):
         self.step_index.add_(1)
         self._n += 1
+        self.denoised = None
 
 
 def _initial_state(noise_or_shape, prior_std: float, seed, dtype, device, backend, sample_offset):
@@ -80,17 +115,20 @@ def _initial_state(noise_or_shape, prior_std: float, seed, dtype, device, backen
         x = noise_or_shape
         if not x.is_floating_point():
             raise TypeError(f"the initial state has dtype {x.dtype}; pass a floating-point tensor (float32 or float64).")
-        if x.dim() == 0:
-            raise ValueError("the initial state must be batch-first [B, ...]; got a 0-d tensor.")
+        _checks.check_state(x)
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # the solver state is fp32 (fp64 for verification); the model may cast inside
         return x.clone(memory_format=torch.contiguous_format)
     try:
-        shape = tuple(int(s) for s in noise_or_shape)
+        if isinstance(noise_or_shape, (str, bytes)) or any(isinstance(s, bool) for s in noise_or_shape):
+            raise TypeError
+        shape = tuple(operator.index(s) for s in noise_or_shape)
     except TypeError as e:
-        raise TypeError(f"noise_or_shape must be a tensor x(t_max) or a shape like (B, D); got {noise_or_shape!r}.") from e
+        raise TypeError(
+            f"noise_or_shape={noise_or_shape!r}: pass a tensor x(t_max) or a shape of ints like (B, D), e.g. (16, 2)."
+        ) from e
     if len(shape) == 0 or any(s <= 0 for s in shape):
-        raise ValueError(f"shape {shape} must be batch-first with positive sizes, e.g. (16, 2).")
+        raise ValueError(f"noise_or_shape={shape} must be batch-first with positive sizes, e.g. (16, 2).")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype={dtype}: the solver state must be torch.float32 or torch.float64.")
     x = torch.empty(shape, dtype=dtype, device=device)
@@ -135,6 +173,10 @@ class Sampler:
             self.plan = None
             self.times = None
             self.prior_std = float(path.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+            ends = torch.tensor([self.t_max, self.t_min], dtype=torch.float64)
+            a, b = model._raw_conversion("velocity", ends)
+            self._f32_problem = _f32_problem({"velocity conversion": torch.stack([a, b], 1)}, ends.reshape(2, 1),
+                                             self.solver.info.name, [self.t_max, self.t_min])
             return
         if rtol is not None or atol is not None:
             raise ValueError(
@@ -147,7 +189,14 @@ class Sampler:
             if t_max is not None or t_min is not None:
                 raise ValueError("pass either a grid of times or t_max/t_min, not both.")
             t_grid = _grids.make_grid(grid, path, steps)
-        self.plan = self.solver.plan(model, t_grid)
+        try:
+            self.plan = self.solver.plan(model, t_grid)
+        except (ZeroDivisionError, OverflowError) as e:  # steps that collapse in the solver's own time variable
+            raise ValueError(
+                f"{self.solver.info.name} cannot plan the grid {_short(t_grid)} on {type(path).__name__}: two of its "
+                f"points coincide in the solver's time variable (log-SNR / noise level) after rounding ({e}). Use a "
+                f"wider t_max - t_min, fewer steps, or another grid."
+            ) from e
         for name, tab in self.plan.tables.items():
             bad = ~torch.isfinite(tab).all(dim=1)
             if bool(bad.any()):
@@ -161,6 +210,7 @@ class Sampler:
         self.times = t_grid.tolist()
         self.t_max, self.t_min = self.times[0], self.times[-1]
         self.prior_std = float(path.sigma(t_grid[0]))
+        self._f32_problem = _f32_problem(self.plan.tables, self.plan.t_eval, self.solver.info.name, self.times)
 
     @property
     def nfe(self) -> int | None:
@@ -168,36 +218,80 @@ class Sampler:
         ``return_info``: its NFE is known only after the run)."""
         return None if self.plan is None else self.plan.nfe
 
-    def sample(self, noise_or_shape, *, seed=0, dtype=torch.float32, device=None, backend=None, sample_offset: int = 0,
-               return_trajectory: bool = False, return_info: bool = False, progress: bool = False, callback=None,
-               check_finite: bool | None = None):
-        """Run the planned sampler. See ``fs.sample`` for the arguments and the return value."""
+    @torch.no_grad()  # the loop updates buffers in place; a model with parameters must not build a graph here
+    def sample(self, noise_or_shape, *, seed=0, generator=None, dtype=torch.float32, device=None, backend=None,
+               sample_offset: int = 0, return_trajectory: bool = False, return_info: bool = False, progress=False,
+               callback=None, check_finite: bool | None = None, check_independence: bool = False,
+               cuda_graph: bool = False):
+        """Run the planned sampler under ``torch.no_grad()``. See ``fs.sample`` for the arguments and the return value."""
+        for name, v in (("return_trajectory", return_trajectory), ("return_info", return_info),
+                        ("check_independence", check_independence)):
+            _checks.check_bool(name, v)
+        if check_finite is not None:
+            _checks.check_bool("check_finite", check_finite)
+        if not isinstance(progress, (bool, dict)):
+            raise TypeError(f"progress={progress!r} must be True, False or a dict of tqdm keyword arguments "
+                            f"(e.g. {{'file': sys.stdout}}).")
+        _checks.check_callback(callback)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}. "
+                                f"For an int seed pass seed= instead.")
+            if not (isinstance(seed, int) and not isinstance(seed, bool) and seed == 0):
+                raise ValueError("pass either seed= or generator=, not both (generator= is seed=<torch.Generator>).")
+            seed = generator
+        if isinstance(seed, torch.Generator):
+            seed = _checks.key_from_generator(seed)  # a 64-bit key drawn from the generator (advances it)
         if isinstance(noise_or_shape, torch.Tensor):
+            if device is not None:
+                want = _checks.check_device(device)
+                have = noise_or_shape.device
+                if want.type != have.type or (want.index is not None and want.index != have.index):
+                    raise ValueError(f"device={device!r} but the initial state is on {have}; the state's device is used: "
+                                     f"drop device= or move the tensor (x.to({str(want)!r})).")
             device = noise_or_shape.device
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = _checks.check_device(device)
         if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
             raise ValueError(f"sample_offset={sample_offset!r} must be a non-negative int (the global index of x[0]).")
         seed_t = seed_tensor(seed, device)
         be = resolve_backend(backend, device)
+        _checks.check_bool("cuda_graph", cuda_graph)
+        if cuda_graph:
+            return self._sample_graphed(noise_or_shape, seed_t, dtype, device, be, sample_offset, return_trajectory,
+                                        return_info, progress, callback, check_finite, check_independence)
         x = _initial_state(noise_or_shape, self.prior_std, seed_t, dtype, device, be, sample_offset)
+        if x.dtype == torch.float32 and self._f32_problem is not None:
+            raise ValueError(self._f32_problem)
         model, plan, solv = self.model, self.plan, self.solver
+        check_finite = model.check_finite if check_finite is None else check_finite
+        if check_finite:
+            _checks.check_finite_state(x)
+        if check_independence:  # two model calls at t_max, before the loop (they are not counted in nfe)
+            _checks.check_model(model, x, self.t_max)
+        denoise = callback is not None and _checks.callback_wants_denoised(callback)
         if plan is None:
             return self._sample_adaptive(x, seed_t, be, sample_offset, return_trajectory, return_info, progress,
-                                         callback, model.check_finite if check_finite is None else check_finite)
-        run = Run(model, plan, x, seed_t, be, sample_offset, model.check_finite if check_finite is None else check_finite)
+                                         callback, check_finite, denoise)
+        run = Run(model, plan, x, seed_t, be, sample_offset, check_finite, denoise=denoise)
         trajectory = [x.clone()] if return_trajectory else None
-        steps_iter = range(plan.n_steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps_iter = tqdm(steps_iter, desc=f"flowsolve {solv.info.name}", total=plan.n_steps)
-        for n in steps_iter:
-            solv.step(run, n)
-            run.advance()
-            if trajectory is not None:
-                trajectory.append(x.clone())
-            if callback is not None:
-                callback(step=n, t=self.times[n + 1], x=x)
+        bar = _progress_bar(progress, f"flowsolve {solv.info.name}", plan.n_steps)
+        try:
+            for n in range(plan.n_steps):
+                solv.step(run, n)
+                denoised = run.denoised
+                run.advance()
+                if trajectory is not None:
+                    trajectory.append(x.clone())
+                if bar is not None:
+                    bar.update(1)
+                if callback is not None:
+                    if denoise:
+                        callback(step=n, t=self.times[n + 1], x=x, denoised=denoised)
+                    else:
+                        callback(step=n, t=self.times[n + 1], x=x)
+        finally:
+            if bar is not None:
+                bar.close()
         result = [x]
         if return_trajectory:
             result.append(trajectory)
@@ -205,25 +299,58 @@ class Sampler:
             result.append({"nfe": run.nfe, "planned_nfe": plan.nfe, "grid": plan.grid, "solver": solv.info.name})
         return result[0] if len(result) == 1 else tuple(result)
 
+    def _sample_graphed(self, noise_or_shape, seed_t, dtype, device, backend, sample_offset, return_trajectory,
+                        return_info, progress, callback, check_finite, check_independence):
+        """``cuda_graph=True``: record the whole loop once per (shape, dtype, device, backend, sample_offset)
+        and replay it (``flowsolve.cuda_graph.GraphedSampler``; the recordings are kept on this Sampler)."""
+        from .cuda_graph import GraphedSampler
+
+        extras = {"return_trajectory": return_trajectory, "progress": progress, "callback": callback is not None,
+                  "check_finite": bool(check_finite), "check_independence": check_independence}
+        used = [k for k, v in extras.items() if v]
+        if used:
+            raise ValueError(f"cuda_graph=True replays a recorded loop with no host code between steps; drop "
+                             f"{', '.join(used)} (or sample without cuda_graph).")
+        if isinstance(noise_or_shape, torch.Tensor):
+            noise = noise_or_shape if noise_or_shape.dtype in (torch.float32, torch.float64) else noise_or_shape.float()
+            shape, dtype = tuple(noise.shape), noise.dtype
+        else:
+            noise = None
+            try:
+                shape = tuple(int(v) for v in noise_or_shape)
+            except TypeError as e:
+                raise TypeError(f"noise_or_shape must be a tensor x(t_max) or a shape like (B, D); got "
+                                f"{noise_or_shape!r}.") from e
+        key = (shape, dtype, str(device), backend, sample_offset)
+        graphs = self.__dict__.setdefault("_graphed", {})
+        if key not in graphs:
+            graphs[key] = GraphedSampler(self, shape, dtype=dtype, device=device, backend=backend,
+                                         sample_offset=sample_offset)
+        x = graphs[key].sample(noise, seed=seed_t)
+        if return_info:
+            return x, {"nfe": self.plan.nfe, "planned_nfe": self.plan.nfe, "grid": self.plan.grid,
+                       "solver": self.solver.info.name, "cuda_graph": True}
+        return x
+
     def _sample_adaptive(self, x, seed_t, backend, sample_offset, return_trajectory, return_info, progress, callback,
-                         check_finite):
+                         check_finite, denoise=False):
         solv = self.solver
         trajectory = [x.clone()] if return_trajectory else None
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc=f"flowsolve {solv.info.name} (accepted steps)")
+        bar = _progress_bar(progress, f"flowsolve {solv.info.name} (accepted steps)", None)
         user_callback = callback
+        model = _RecordingModel(self.model) if denoise else self.model
 
         def on_step(step, t, x):
             if bar is not None:
                 bar.update(1)
             if user_callback is not None:
-                user_callback(step=step, t=t, x=x)
+                if denoise:
+                    user_callback(step=step, t=t, x=x, denoised=model.denoised_at(x, t))
+                else:
+                    user_callback(step=step, t=t, x=x)
 
         try:
-            stats = solv.integrate(self.model, x, self.t_max, self.t_min, seed=seed_t, backend=backend,
+            stats = solv.integrate(model, x, self.t_max, self.t_min, seed=seed_t, backend=backend,
                                    sample_offset=sample_offset, check_finite=check_finite, trajectory=trajectory,
                                    callback=on_step if (bar is not None or user_callback is not None) else None)
         finally:
@@ -239,6 +366,81 @@ class Sampler:
         return result[0] if len(result) == 1 else tuple(result)
 
 
+class _RecordingModel(Model):
+    """The model of an adaptive run whose callback asks for ``denoised``: every evaluation also forms its x0
+    prediction ``a(t) x + b(t) raw`` (float64 conversion, one host read of t per evaluation: adaptive solvers
+    sync once per attempted step anyway). ``denoised_at(x, t)`` returns it when the latest evaluation was at
+    that state and time (every adaptive solver here evaluates the accepted point (x, t) before its callback:
+    the FSAL stage of bosh3 / dopri5 / tsit5, ggf's next drift), else None (ggf's last step to t_min)."""
+
+    def __init__(self, inner: Model):
+        self.__dict__.update(inner.__dict__)
+        self._inner = inner
+        self._last = None  # (x data_ptr, t, x0 prediction)
+
+    def __call__(self, x, t):
+        out = self._inner(x, t)
+        t0 = float(t.reshape(-1)[0])
+        tt = torch.tensor([t0], dtype=torch.float64)
+        if bool(self._inner.can_convert("x0", tt)):
+            a, b = (float(v) for v in self._inner._raw_conversion("x0", tt))
+            self._last = (x.data_ptr(), t0, x * a + out * b)
+        else:
+            self._last = None
+        return out
+
+    def denoised_at(self, x, t):
+        if self._last is None or self._last[0] != x.data_ptr() or self._last[1] != float(t):
+            return None
+        return self._last[2]
+
+
+def _progress_bar(progress, desc: str, total):
+    """A tqdm bar (``progress=True``, or a dict of tqdm keyword arguments such as ``{"file": f}``), or None."""
+    if progress is False:
+        return None
+    from tqdm.auto import tqdm
+
+    kwargs = {"desc": desc, "total": total}
+    if isinstance(progress, dict):
+        kwargs.update(progress)
+    return tqdm(**kwargs)
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _f32_problem(tables: dict, t_eval: torch.Tensor, solver: str, times) -> str | None:
+    """Why a float32 run of this plan would silently give inf/NaN, or None. Computed once at plan time on the
+    host (pure Python after one ``tolist``), so ``Sampler.sample`` decides without touching a tensor: a time
+    that is nonzero in float64 but zero or subnormal in float32 (the model would see another time than the
+    plan), or a coefficient beyond float32's range (the table would hold inf)."""
+    lo = min(abs(float(t)) for t in times if float(t) != 0.0) if any(float(t) != 0.0 for t in times) else 1.0
+    t_vals = [abs(v) for v in t_eval.reshape(-1).tolist() if v == v and v != 0.0]
+    tiny = min([lo] + t_vals)
+    if tiny < _F32_TINY:
+        return (f"the grid of {solver} reaches t={tiny:.3g}, below float32's smallest normal number ({_F32_TINY:.3g}): "
+                f"a float32 model would be evaluated at another time than planned. Raise t_min (e.g. t_min >= 1e-6, "
+                f"or exactly 0 where the path allows it) or sample in float64 (dtype=torch.float64 / a float64 tensor).")
+    for name, tab in tables.items():
+        rows = tab.tolist()
+        for n, row in enumerate(rows):
+            # finite in float64 only: inf/NaN are singular points, refused with their own message elsewhere
+            big = max((abs(v) for v in row if v == v and abs(v) != float("inf")), default=0.0)
+            if big > _F32_MAX:
+                t = times[n] if n < len(times) else float("nan")
+                return (f"the {name!r} coefficients of {solver} at step {n} (t={t:.3g}) are {big:.3g}, beyond "
+                        f"float32's range ({_F32_MAX:.3g}): a float32 run would give inf/NaN. Raise t_min (e.g. "
+                        f"t_min >= 1e-6) or sample in float64 (dtype=torch.float64 / a float64 tensor).")
+    return None
+
+
+def _short(t_grid) -> str:
+    v = [f"{float(t):.3g}" for t in t_grid]
+    return "[" + ", ".join(v if len(v) <= 6 else v[:3] + ["..."] + v[-2:]) + "]"
+
+
 def _adaptive_infos():
     from .solvers.base import solvers
 
@@ -246,9 +448,10 @@ def _adaptive_infos():
 
 
 def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None, grid=None, *, seed=0,
-           t_max=None, t_min=None, dtype=torch.float32, device=None, backend=None, sample_offset: int = 0,
-           return_trajectory: bool = False, return_info: bool = False, progress: bool = False, callback=None,
-           check_finite: bool | None = None, rtol: float | None = None, atol: float | None = None):
+           generator=None, t_max=None, t_min=None, dtype=torch.float32, device=None, backend=None,
+           sample_offset: int = 0, return_trajectory: bool = False, return_info: bool = False, progress=False,
+           callback=None, check_finite: bool | None = None, check_independence: bool = False,
+           rtol: float | None = None, atol: float | None = None, cuda_graph: bool = False):
     """Sample from a model by integrating its PF-ODE or reverse SDE from t_max down to t_min.
 
     Args:
@@ -263,23 +466,47 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
         grid: "uniform" | "logsnr" | "edm" | "quadratic" | a decreasing sequence of path times;
             None takes the path's default (``path.default_grid``).
         seed: int, torch.Generator or one-element int64 tensor: keys all noise per global sample, so
-            sample b is the same in any batch.
+            sample b is the same in any batch. A Generator gives a 64-bit key drawn from it (two 32-bit
+            ``torch.randint`` words on its device): the same generator state gives the same samples, and
+            the draw advances the generator, as any torch sampling call does.
+        generator: a torch.Generator, the same as ``seed=generator`` (the name torch users expect).
         t_max, t_min: the time range (default: the path's sampling range).
         dtype, device: of the state when a shape is given (float32 default; float64 for verification).
         backend: "auto" | "torch" | "triton" (see ``flowsolve.kernels.backend``).
         sample_offset: global index of the first sample of this batch (for sharding).
         return_trajectory: also return the list of states at every grid point.
         return_info: also return a dict with ``nfe`` (counted model calls), ``grid`` and ``solver``.
-        progress: show a tqdm progress bar.
-        callback: ``callback(step=n, t=t_next, x=x)`` after each step (x is the live state: clone to keep it).
-        check_finite: check model outputs for NaN/inf (syncs once per evaluation); default: the model's flag.
+        progress: show a tqdm progress bar (one tick per step; per accepted step for adaptive solvers); True or
+            a dict of tqdm keyword arguments (e.g. ``{"file": f}``).
+        callback: ``callback(step=n, t=t_next, x=x, denoised=x0)`` after each step (x is the live state: clone
+            to keep it). ``denoised`` is passed only to a callback that takes a ``denoised`` parameter (or
+            ``**kwargs``), and only then computed: the x0 prediction of the FIRST model evaluation made in step
+            n, in the state's dtype. For single-step solvers (euler, heun, midpoint, rk4, dpm2/3, ...) and
+            multistep ones that evaluate at the step start (dpm++2m/3m, deis, ipndm, ancestral, SDEs) that is at
+            (x_n, t_n), k-diffusion's ``denoised``; UniPC evaluates at the predicted end point t_{n+1} (step 0:
+            at t_max); None for a step that makes no evaluation (UniPC's last step) or where the model gives
+            no x0. Adaptive solvers: the evaluation at the accepted point (x, t) itself (FSAL stage), None on
+            ggf's final step.
+        check_finite: check the initial state and every model output for NaN/inf (syncs once per evaluation);
+            default: the model's flag.
+        check_independence: before the loop, run ``fs.check_model(model, x, t_max)`` (two model calls, not
+            counted in NFE): a ValueError names the samples whose outputs depend on another sample.
         rtol, atol: tolerances of an adaptive solver (``fs.solvers()`` marks them ``adaptive``); an error
             for fixed-step solvers. Default: the solver's own (1e-5).
+        cuda_graph: record the whole loop as a CUDA graph and replay it (``flowsolve.cuda_graph``); fixed-step
+            solvers on a CUDA device, no callback / progress / trajectory / check_finite. The recording is kept
+            on the Sampler: build ``fs.Sampler(...)`` once and call ``.sample(..., cuda_graph=True)`` per batch
+            (``fs.sample`` records and replays once per call, which is correct but saves nothing).
+
+    Runs under ``torch.no_grad()`` (the loop updates buffers in place: a network with parameters builds no
+    graph). A float32 state whose grid reaches a time below float32's normal range, or whose planned
+    coefficients exceed it, is refused with the fix (raise t_min or sample in float64).
 
     Returns: x(t_min) [, trajectory] [, info], in that order. For an adaptive solver ``info`` also has
     ``steps`` (accepted), ``rejected`` and ``grid`` (the accepted times).
     """
     sampler = Sampler(model, solver, steps, grid, t_max=t_max, t_min=t_min, rtol=rtol, atol=atol)
-    return sampler.sample(noise_or_shape, seed=seed, dtype=dtype, device=device, backend=backend,
+    return sampler.sample(noise_or_shape, seed=seed, generator=generator, dtype=dtype, device=device, backend=backend,
                           sample_offset=sample_offset, return_trajectory=return_trajectory, return_info=return_info,
-                          progress=progress, callback=callback, check_finite=check_finite)
+                          progress=progress, callback=callback, check_finite=check_finite,
+                          check_independence=check_independence, cuda_graph=cuda_graph)

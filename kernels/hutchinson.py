@@ -54,6 +54,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .offsets import block_offsets
     from .philox import keyed_normal, philox4x32_10
 
     @triton.jit
@@ -74,7 +75,7 @@ if HAS_TRITON:
     @triton.jit
     def _probe_kernel(out_ptr, seed_ptr, sample_offset, probe_offset, batch, per_sample, numel,
                       KIND: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = block_offsets(tl.program_id(0), BLOCK)  # int64 (offsets.py)
         mask = offs < numel
         seed = tl.load(seed_ptr)
         row = offs // per_sample

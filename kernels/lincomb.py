@@ -27,6 +27,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .offsets import block_offsets, sample_element
     from .philox import keyed_normal
 
     @triton.jit
@@ -38,7 +39,7 @@ if HAS_TRITON:
     def _lincomb_kernel(out_ptr, t0, t1, t2, t3, t4, t5, t6, t7, coef_ptr, coef_stride, step_ptr, seed_ptr,
                         sample_offset, numel, per_sample,
                         STREAM: tl.constexpr, K: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow past 2^31
+        offs = block_offsets(tl.program_id(0), BLOCK)  # int64: no overflow past 2^31 elements
         mask = offs < numel
         step = tl.load(step_ptr)
         row = coef_ptr + step * coef_stride
@@ -60,7 +61,8 @@ if HAS_TRITON:
             acc = _term(acc, row, 7, t7, offs, mask)
         if HAS_NOISE:
             seed = tl.load(seed_ptr)
-            z = keyed_normal(seed, offs // per_sample + sample_offset, step, offs % per_sample, STREAM)
+            sample, elem = sample_element(offs, per_sample, sample_offset)
+            z = keyed_normal(seed, sample, step, elem, STREAM)
             acc = acc + tl.load(row + K) * z.to(c0.dtype)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -88,14 +90,25 @@ def _validate(out, inputs, coef, step):
         raise TypeError(f"step must be a one-element int64 tensor; got dtype {step.dtype}, shape {tuple(step.shape)}.")
 
 
-def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREAM_STEP):
+def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREAM_STEP, host_row=None):
     """Torch twin of ``lincomb``: same signature and result (to rounding), strided inputs welcome.
 
     Writes in place into ``out`` without allocating when ``out.dtype == coef.dtype`` and there is
     no noise (noise costs one fp32 temporary on this backend). ``out`` may alias inputs: the same
     tensor is updated in place; any other overlap goes through a temporary.
+
+    ``host_row``: the coefficient row ``coef[step]`` as Python floats, for CPU tensors, where host and
+    device memory are the same and reading the row costs nothing. The sum is then ``mul`` plus one
+    ``add_(alpha=c)`` per input: the row's ``index_select``, its ``select`` per term and the 0-d
+    multiplies go away, which is most of a step's cost for small batches (``bench/loop.py``). Values
+    are those of ``coef`` (``coef.tolist()``), so the result is the same up to the order of rounding
+    inside one fused multiply-add. ``step`` still keys the noise.
     """
-    if coef.stride(0) == 0:  # a broadcast one-row table (the named launchers): every step reads row 0
+    if out.numel() == 0:  # empty tensors share data_ptr 0: the aliasing test below would see overlap
+        return out
+    if host_row is not None and not torch.compiler.is_compiling():
+        row = host_row
+    elif coef.stride(0) == 0:  # a broadcast one-row table (the named launchers): every step reads row 0
         row = coef[0]
     else:
         row = coef.index_select(0, step.reshape(1)).reshape(-1)  # device-side row: no host sync
@@ -116,7 +129,7 @@ def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream
         order.insert(0, same[0])
     elif shares:  # several inputs, or a different view, share out's memory: go through a temporary
         tmp = lincomb_torch(torch.empty(out.shape, dtype=out.dtype, device=out.device), inputs, coef, step, seed,
-                            sample_offset=sample_offset, stream=stream)
+                            sample_offset=sample_offset, stream=stream, host_row=host_row)
         return out.copy_(tmp)
     acc = out if out.dtype == coef.dtype else torch.empty(out.shape, dtype=coef.dtype, device=out.device)
     first = inputs[order[0]]
@@ -124,11 +137,18 @@ def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream
         torch.mul(first, row[order[0]], out=acc)
     else:  # a 0-d coefficient does not promote a tensor's dtype: upcast first, then scale
         acc.copy_(first).mul_(row[order[0]])
-    for i in order[1:]:
-        acc.addcmul_(inputs[i], row[i])
+    if row is host_row:
+        for i in order[1:]:
+            acc.add_(inputs[i], alpha=row[i])
+    else:
+        for i in order[1:]:
+            acc.addcmul_(inputs[i], row[i])
     if seed is not None:
         z = keyed_normal_like_torch(out, seed, step, sample_offset, stream)
-        acc.addcmul_(z, row[k])
+        if row is host_row:
+            acc.add_(z, alpha=row[k])
+        else:
+            acc.addcmul_(z, row[k])
     if acc is not out:
         out.copy_(acc)
     return out

@@ -66,14 +66,17 @@ if HAS_TRITON:
         u2 = (r1 >> 8).to(tl.float32) * 5.9604644775390625e-08
         return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(TWO_PI_F32 * u2)
 
+    from .offsets import block_offsets, sample_element
+
     @triton.jit
     def _keyed_normal_kernel(out_ptr, seed_ptr, step_ptr, sample_offset, numel, per_sample,
                              STREAM: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = block_offsets(tl.program_id(0), BLOCK)  # int64 (offsets.py)
         mask = offs < numel
         seed = tl.load(seed_ptr)
         step = tl.load(step_ptr)
-        z = keyed_normal(seed, offs // per_sample + sample_offset, step, offs % per_sample, STREAM)
+        sample, elem = sample_element(offs, per_sample, sample_offset)
+        z = keyed_normal(seed, sample, step, elem, STREAM)
         tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 

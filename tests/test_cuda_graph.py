@@ -82,3 +82,37 @@ def test_cuda_graph_capture_matches_eager(solver):
         expected = sampler.sample((1024, 2), seed=seed, device="cuda")
         # the same kernels on the same data in the same order: replay must be bitwise the eager result
         assert torch.equal(graphed.sample(seed=seed), expected)
+
+
+def test_sampler_cuda_graph_flag_records_once_per_shape(monkeypatch):
+    import flowsolve.cuda_graph as cg
+
+    made = []
+
+    class CPUGraphed(cg.GraphedSampler):  # the Sampler's cuda_graph=True path, with EagerReplay on CPU
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("capture", EagerReplay)
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(cg, "GraphedSampler", CPUGraphed)
+    sampler = fs.Sampler(_model(), "dpm++2m", steps=5)
+    for seed in (0, 1, 2):
+        assert torch.equal(sampler.sample((4, 2), seed=seed, cuda_graph=True), sampler.sample((4, 2), seed=seed))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampler.sample(x, seed=3, cuda_graph=True), sampler.sample(x, seed=3))
+    assert len(made) == 1  # one recording for shape (4, 2) float32 (noise and input graphs inside it)
+    sampler.sample((6, 2), seed=0, cuda_graph=True)
+    assert len(made) == 2
+
+
+def test_sampler_cuda_graph_flag_refusals():
+    sampler = fs.Sampler(_model(), "heun", steps=3)
+    with pytest.raises(ValueError, match="CUDA device"):
+        sampler.sample((2, 2), cuda_graph=True)
+    with pytest.raises(ValueError, match="drop callback"):
+        sampler.sample((2, 2), cuda_graph=True, callback=lambda **kw: None)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        sampler.sample((2, 2), cuda_graph=1)
+    with pytest.raises(ValueError, match="adaptive"):
+        fs.sample(_model(), (2, 2), solver="dopri5", cuda_graph=True)
