@@ -41,7 +41,7 @@ import flowsolve as fs
 
 from .problems import REF_TOL, cache_dir, problems
 
-DEFAULT_NFE = [4, 6, 8, 10, 14, 20, 30, 50, 70, 100]  # NFE to a level beyond 100: "> 100"
+DEFAULT_NFE = [4, 6, 8, 10, 14, 20, 30, 50, 70, 100, 200]  # NFE to a level beyond 200: "> 200"
 QUICK_NFE = [4, 10, 20, 50]
 ERROR_LEVELS = [1e-1, 1e-2, 1e-3]
 SUMMARY_NFE = (10, 20, 50)

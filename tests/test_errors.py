@@ -457,3 +457,17 @@ def test_likelihood_never_returns_a_silent_nan():
     with pytest.raises(FloatingPointError, match=r"log_likelihood gave NaN/inf for samples \[0\].*Raise t_min"):
         fs.log_likelihood(m, torch.full((1, 1), 0.3, dtype=torch.float64), solver="euler", grid="uniform", t_max=1.0,
                           t_min=1e-300)
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: fs.paths.VP(beta_min=-1), "beta_min must be >= 0"),
+    (lambda: fs.paths.SubVP(beta_max=0), "beta_max must be > 0"),
+    (lambda: fs.paths.VPCosine(s=0), "s must be > 0"),
+    (lambda: fs.paths.VE(sigma_min=10, sigma_max=1), "need sigma_min < sigma_max; swap them"),
+    (lambda: fs.paths.EDM(sigma_min=0), "sigma_min must be > 0"),
+    (lambda: fs.paths.RectifiedFlow(t_max=2), r"need 0.0 <= t_min < t_max <= 1.0"),
+    (lambda: fs.paths.VP(t_min=0.5, t_max=0.5), "need 0.0 <= t_min < t_max"),
+])
+def test_path_constructors_name_the_bad_argument(make, needle):
+    with pytest.raises(ValueError, match=needle):
+        make()

@@ -24,3 +24,17 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", text, re.S)
     assert "torch==2.13.0" in commands[0] and "python -m bench steps" in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_plug_in_your_model_runs():
+    import pytest
+
+    pytest.importorskip("diffusers")
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Plug in your model\s+```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README plug in your model", "exec"), namespace)
+    assert namespace["x"].shape == (16, 2) and bool(namespace["x"].isfinite().all())
+    assert len(namespace["seen"]) == 8
+    grid = namespace["grid"]
+    assert bool((grid[1:] < grid[:-1]).all())
