@@ -84,6 +84,31 @@ class Solver:
         return f"{type(self).__name__}()"
 
 
+class X0Multistep(Solver):
+    """A multistep update in data prediction, ``x_{n+1} = c_x x_n + sum_j c_j x0_{n-j} (+ s z)``: the shape
+    shared by the stochastic DPM-Solver++(2M/3M) and ER-SDE solvers. A subclass's ``plan`` computes the
+    coefficients and calls ``x0_plan``; ``step`` is one evaluation, one history push of the x0 prediction
+    and one fused update of the planned order."""
+
+    max_order: int
+
+    def x0_plan(self, model, grid, cx, coef, orders, noise=None) -> Plan:
+        """``coef``: ``[n, max_order]`` float64 weights of x0_n, x0_{n-1}, ...; ``orders``: the order used at
+        each step (Python ints); ``noise``: the per-step noise coefficient (or None)."""
+        t0 = grid[:-1]
+        a, b = model.conversion("x0", t0)
+        tables = {"x0": table(a, b)}
+        for k in range(1, self.max_order + 1):
+            tables[f"o{k}"] = table(cx, *[coef[:, j] for j in range(k)], noise=noise)
+        return Plan(grid, tables, t0[:, None], [1] * t0.numel(), {"orders": orders})
+
+    def step(self, run, n: int) -> None:
+        x = run.x
+        run.push("x0", self.max_order, [x, run.evaluate(x, 0)], "x0")
+        k = run.plan.flags["orders"][n]
+        run.combine(x, [x, *[run.past("x0", j) for j in range(k)]], f"o{k}", noise=True)
+
+
 class AdaptiveSolver(Solver):
     """A solver that chooses its own steps from tolerances (``info.adaptive = True``).
 

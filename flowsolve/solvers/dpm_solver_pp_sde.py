@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Plan, Solver, SolverInfo, register, table
+from .base import Plan, SolverInfo, X0Multistep, register
 from .dpm_solver_pp import backward_differences, multistep_orders
 
 
-class _MultistepSDE(Solver):
+class _MultistepSDE(X0Multistep):
     max_order: int
 
     def __init__(self, eta: float = 1.0):
@@ -60,17 +60,7 @@ class _MultistepSDE(Solver):
             phi_2 = float(torch.expm1(torch.tensor(-h_eta, dtype=torch.float64))) / h_eta + 1.0
             phi_3 = phi_2 / h_eta - 0.5
             coef_m[i] += a1[i] * (phi_2 * d1 - phi_3 * d2)  # d2 = 0 at order 2
-        a, b = model.conversion("x0", t0)
-        tables = {"x0": table(a, b)}
-        for k in range(1, self.max_order + 1):
-            tables[f"o{k}"] = table(cx, *[coef_m[:, j] for j in range(k)], noise=noise)
-        return Plan(grid, tables, t0[:, None], [1] * n, {"orders": orders})
-
-    def step(self, run, n: int) -> None:
-        x = run.x
-        run.push("x0", self.max_order, [x, run.evaluate(x, 0)], "x0")
-        k = run.plan.flags["orders"][n]
-        run.combine(x, [x, *[run.past("x0", j) for j in range(k)]], f"o{k}", noise=True)
+        return self.x0_plan(model, grid, cx, coef_m, orders, noise)
 
 
 @register

@@ -42,7 +42,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Plan, Solver, SolverInfo, register, table
+from .base import Plan, SolverInfo, X0Multistep, register
 
 _PAPER = "Cui et al. 2023, ER-SDE-Solver, eqs. 12, 16-18 (VE, data prediction)"
 
@@ -68,7 +68,7 @@ def phi_integrals(phi, s_lo: float, s_hi: float, points: int = 16) -> tuple[floa
     return float(dens.sum()), float((dens * (np.exp(u) - s_hi)).sum())
 
 
-class _ERSDE(Solver):
+class _ERSDE(X0Multistep):
     max_order: int
 
     def __init__(self, noise_scale="er-sde-5"):
@@ -141,17 +141,7 @@ class _ERSDE(Solver):
                     d1_prev = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64) / (s_f[i - 1] - s_f[i - 2])
                     coef[i] += c2 * (d1 - d1_prev) / ((s_f[i] - s_f[i - 2]) / 2.0)
         coef *= a1[:, None]
-        a, b = model.conversion("x0", t0)
-        tables = {"x0": table(a, b)}
-        for k in range(1, self.max_order + 1):
-            tables[f"o{k}"] = table(cx, *[coef[:, j] for j in range(k)], noise=noise)
-        return Plan(grid, tables, t0[:, None], [1] * n, {"orders": orders})
-
-    def step(self, run, n: int) -> None:
-        x = run.x
-        run.push("x0", self.max_order, [x, run.evaluate(x, 0)], "x0")
-        k = run.plan.flags["orders"][n]
-        run.combine(x, [x, *[run.past("x0", j) for j in range(k)]], f"o{k}", noise=True)
+        return self.x0_plan(model, grid, cx, coef, orders, noise)
 
 
 @register
