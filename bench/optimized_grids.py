@@ -7,9 +7,9 @@ Development: the grid optimizer was developed and tuned (pilot size, iteration b
 on bench.problems' ``mixture-vp`` only (2-D, 4 components, seed 0). The problems here differ in
 dimension, number of components, data seed and path, and none of them was looked at while tuning:
 
-    mixture8-vp    8-D, 6 components, data seed 11, VP path (linear beta), eps model, t in [1e-3, 1]
-    mixture8-edm   8-D, 5 components, data seed 12, EDM path, x0 (denoiser) model, sigma in [0.002, 80]
-    mixture16-rf   16-D, 8 components, data seed 13, rectified flow, velocity model, t in [0, 1]
+    heldout8-vp    8-D, 6 components, data seed 11, VP path (linear beta), eps model, t in [1e-3, 1]
+    heldout8-edm   8-D, 5 components, data seed 12, EDM path, x0 (denoiser) model, sigma in [0.002, 80]
+    heldout16-rf   16-D, 8 components, data seed 13, rectified flow, velocity model, t in [0, 1]
 
 Metric (as bench/steps.py): RMS over samples and dimensions of x_N - x_ref, float64, on exact
 draws of p_{t_max} (512; seed 777: not the optimizer's pilot, which is 128 draws of N(0, sigma(t_max)^2 I)
@@ -59,11 +59,11 @@ def _mixture(dim: int, components: int, seed: int, path):
 def held_out_problems() -> list[Problem]:
     vp, edm, rf = fs.paths.VP(), fs.paths.EDM(), fs.paths.RectifiedFlow()
     return [
-        Problem("mixture8-vp", "8-D 6-component mixture, data seed 11, VP, eps model", _mixture(8, 6, 11, vp), vp,
+        Problem("heldout8-vp", "8-D 6-component mixture, data seed 11, VP, eps model", _mixture(8, 6, 11, vp), vp,
                 "eps", vp.t_max, vp.t_min, 8, ref_grid="logsnr"),
-        Problem("mixture8-edm", "8-D 5-component mixture, data seed 12, EDM path, x0 model", _mixture(8, 5, 12, edm),
+        Problem("heldout8-edm", "8-D 5-component mixture, data seed 12, EDM path, x0 model", _mixture(8, 5, 12, edm),
                 edm, "x0", edm.t_max, edm.t_min, 8, ref_grid="edm"),
-        Problem("mixture16-rf", "16-D 8-component mixture, data seed 13, rectified flow, velocity model",
+        Problem("heldout16-rf", "16-D 8-component mixture, data seed 13, rectified flow, velocity model",
                 _mixture(16, 8, 13, rf), rf, "velocity", rf.t_max, rf.t_min, 16, ref_grid="uniform"),
     ]
 

@@ -133,7 +133,10 @@ class GraphedSampler:
         self._x_in = torch.zeros(shape, dtype=dtype, device=device)  # the given initial state, copied in
         self._x = torch.empty(shape, dtype=dtype, device=device)     # the live state and the output
         self._zero = torch.zeros(1, dtype=torch.int64, device=device)
-        self._run = Run(sampler.model, sampler.plan, self._x, self._seed, self.backend, sample_offset, False)
+        # the device step index, always: a recorded graph replays the same kernels, so nothing may be read on
+        # the host by the Python step number (the CPU host-coefficient path of Run is off here)
+        self._run = Run(sampler.model, sampler.plan, self._x, self._seed, self.backend, sample_offset, False,
+                        host_coefficients=False)
         self._capture = capture
         self._graphs = {}  # "noise" | "input" -> a recorded capture, made on first use
         self.replays = 0

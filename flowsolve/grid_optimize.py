@@ -95,9 +95,27 @@ def _hash_value(h, v, depth=0) -> bool:
         h.update(b"(")
         return all(_hash_value(h, e, depth + 1) for e in v)
     if isinstance(v, GaussianPath):
-        h.update(repr(v).encode())
-        return True
+        digest, by_content = _object_key(v)
+        h.update(digest.encode())
+        return by_content
     return False
+
+
+def _object_key(obj) -> tuple[str, bool]:
+    """(SHA-256 of an object's type and attributes, whether every attribute was hashed by content).
+
+    Keys a path (``DiscreteVP``'s alphas_cumprod, a VP's betas, ...) and a solver instance (its order,
+    tau, predictor, intervals, noise_scale, ...) for the cache; an attribute that cannot be hashed by
+    content (a user callable) enters by identity, which is valid only in this process (no disk cache).
+    """
+    h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}".encode())
+    by_content = True
+    for name, value in sorted(vars(obj).items()):
+        h.update(name.encode())
+        if not _hash_value(h, value, depth=1):
+            h.update(f"id{id(value)}".encode())
+            by_content = False
+    return h.hexdigest(), by_content
 
 
 def _content_hash(fn) -> str | None:
@@ -129,8 +147,9 @@ def _content_hash(fn) -> str | None:
 def _model_key(model: Model):
     """(key, content hash or None, liveness check)."""
     digest = _content_hash(model.fn)
-    head = (repr(model.path), model.predicts, model.time_convention)
-    if digest is not None:
+    path_key, path_by_content = _object_key(model.path)
+    head = (path_key, model.predicts, model.time_convention)
+    if digest is not None and path_by_content:
         return ("hash", digest) + head, digest, (lambda: True)
     fn = model.fn
     target = fn.__self__ if hasattr(fn, "__self__") and hasattr(fn, "__func__") else fn
@@ -320,7 +339,10 @@ def optimize(model, path=None, nfe: int = 10, solver="dpm++2m", *, pilot=256, sh
         mkey, digest, alive = _model_key(model)
         pkey = ("tensor", hashlib.sha256(pilot.detach().cpu().contiguous().numpy().tobytes()).hexdigest()) \
             if isinstance(pilot, torch.Tensor) else (pilot, tuple(shape) if shape is not None else None)
-        key = mkey + (s.info.name, nfe, hi, lo, seed, pkey, max_iter, ref_steps, str(dtype))
+        solver_key, solver_by_content = _object_key(s)  # the solver's options, not only its name
+        if not solver_by_content:
+            digest = None  # an option held by identity: in-memory cache only
+        key = mkey + (s.info.name, solver_key, nfe, hi, lo, seed, pkey, max_iter, ref_steps, str(dtype))
         hit = _CACHE.get(key)
         if hit is not None and hit[2]():
             return _result(hit[0].clone(), dict(hit[1], cache_hit=True), return_info)

@@ -22,6 +22,7 @@ dynamic thresholding), which flowsolve does not do.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -128,12 +129,19 @@ class CFG:
 
     def _scale(self, t, out):
         s = self.scale(t) if callable(self.scale) else self.scale
+        what = "scale(t)" if callable(self.scale) else "scale"
         if isinstance(s, torch.Tensor):
+            if s.dim() > 1 or s.is_complex() or s.dtype == torch.bool:
+                raise ValueError(f"{what} returned a tensor of shape {tuple(s.shape)} and dtype {s.dtype}; it must be a "
+                                 f"number or a real [B] tensor (one scale per sample, B = {out.shape[0]}).")
             s = s.to(dtype=out.dtype, device=out.device)
             if s.dim() == 1:
                 if s.shape[0] not in (1, out.shape[0]):
-                    raise ValueError(f"scale has {s.shape[0]} entries but the batch has {out.shape[0]}.")
+                    raise ValueError(f"{what} has {s.shape[0]} entries but the batch has {out.shape[0]}; give one "
+                                     f"scale per sample or a number.")
                 s = s.reshape(-1, *([1] * (out.dim() - 1)))
+        elif not isinstance(s, numbers.Real) or isinstance(s, bool):
+            raise TypeError(f"{what} gave {type(s).__name__}; it must be a number or a [B] tensor.")
         return s
 
     def branches(self, x: torch.Tensor, t: torch.Tensor):

@@ -78,7 +78,16 @@ class Model:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Raw output of ``fn`` at path time ``t`` ([B] tensor); shape-checked."""
         t_fn = 1.0 - t if self.time_convention == "flow" else t
-        out = self.fn(x, t_fn)
+        try:
+            out = self.fn(x, t_fn)
+        except RuntimeError as e:
+            if torch.is_grad_enabled() or "does not require grad" not in str(e):
+                raise
+            raise RuntimeError(
+                "the model differentiates inside (e.g. a score -grad E(x), classifier guidance) but flowsolve samples "
+                "under torch.no_grad(), as k-diffusion does; compute the gradient inside `with torch.enable_grad():` "
+                "in fn (x.detach().requires_grad_() there) and return a detached tensor."
+            ) from e
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned {type(out).__name__}; fn(x, t) must return a tensor shaped like x.")
         if out.shape != x.shape:

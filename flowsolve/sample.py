@@ -23,7 +23,7 @@ class Run:
     """The state of one sampling run: device tables, buffers, step index, seed, NFE count."""
 
     def __init__(self, model: Model, plan: Plan, x: torch.Tensor, seed: torch.Tensor, backend: str,
-                 sample_offset: int, check_finite: bool, denoise: bool = False):
+                 sample_offset: int, check_finite: bool, denoise: bool = False, host_coefficients: bool = True):
         self.model, self.plan, self.x = model, plan, x
         self.backend, self.sample_offset, self.check_finite = backend, sample_offset, check_finite
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -40,7 +40,7 @@ class Run:
         # a few tensor ops fewer per step, most of a small batch's cost). CUDA, Triton and torch.compile keep the
         # device-index path that CUDA graphs and fullgraph tracing need.
         self._host_rows = self._host_t = None
-        if x.device.type == "cpu" and backend == "torch" and not torch.compiler.is_compiling():
+        if host_coefficients and x.device.type == "cpu" and backend == "torch" and not torch.compiler.is_compiling():
             self._host_rows = {k: v.tolist() for k, v in self.tables.items()}
             self._host_t = self.t_eval.tolist()
         # the x0 prediction of the first evaluation of each step, for callback(..., denoised=): planned only when
@@ -311,16 +311,18 @@ class Sampler:
         if used:
             raise ValueError(f"cuda_graph=True replays a recorded loop with no host code between steps; drop "
                              f"{', '.join(used)} (or sample without cuda_graph).")
-        if isinstance(noise_or_shape, torch.Tensor):
-            noise = noise_or_shape if noise_or_shape.dtype in (torch.float32, torch.float64) else noise_or_shape.float()
+        if isinstance(noise_or_shape, torch.Tensor):  # the eager path's checks: floating point, batch-first, finite size
+            noise = _initial_state(noise_or_shape, self.prior_std, seed_t, dtype, device, backend, sample_offset)
             shape, dtype = tuple(noise.shape), noise.dtype
         else:
             noise = None
             try:
                 shape = tuple(int(v) for v in noise_or_shape)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise TypeError(f"noise_or_shape must be a tensor x(t_max) or a shape like (B, D); got "
                                 f"{noise_or_shape!r}.") from e
+        if dtype == torch.float32 and self._f32_problem is not None:
+            raise ValueError(self._f32_problem)
         key = (shape, dtype, str(device), backend, sample_offset)
         graphs = self.__dict__.setdefault("_graphed", {})
         if key not in graphs:

@@ -4,8 +4,10 @@ On CPU the graph is replaced by ``EagerReplay``, which re-runs the recorded loop
 everything except the CUDA capture call itself -- the loop reads the seed, the initial state and
 the step index only from static device tensors that ``sample`` refills before each replay, and the
 step index is reset inside the recorded region -- so that replay k gives exactly what
-``Sampler.sample`` gives for the same seed and input, whatever ran before it. On a CUDA device the
-real capture is compared with eager sampling too (skipped without a GPU).
+``Sampler.sample`` gives for the same seed and input, whatever ran before it. The recorded loop always
+uses the device step index (``Run(host_coefficients=False)``), so these tests also pin that path to the CPU
+host-coefficient path ``Sampler.sample`` takes here (see tests/test_host_coefficients.py). On a CUDA device
+the real capture is compared with eager sampling too (skipped without a GPU).
 """
 import pytest
 import torch

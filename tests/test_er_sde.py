@@ -212,3 +212,13 @@ def test_triton_kernels_match_the_torch_twins():
     a = fs.sample(model, (3, 3), solver="er-sde-3", steps=5, seed=7, backend="triton")
     b = fs.sample(model, (3, 3), solver="er-sde-3", steps=5, seed=7, backend="torch")
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("phi", [lambda s: 1 / s, lambda s: torch.ones_like(s), lambda s: s.sqrt()])
+def test_noise_scale_with_decreasing_phi_over_s_is_refused(phi):
+    # phi(s)/s decreasing makes q > 1 and the step's noise variance s_{i+1}^2 (1 - q^2) negative: an error,
+    # not a silently clipped (zero) noise that samples the wrong law
+    from flowsolve.solvers import ERSDE1
+    prob = fs.analytic.Gaussian(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.3]), fs.paths.VP())
+    with pytest.raises(ValueError, match="phi\\(s\\)/s must not decrease"):
+        fs.Sampler(fs.Model(prob.eps, prob.path, predicts="eps"), ERSDE1(noise_scale=phi), steps=20)

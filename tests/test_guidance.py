@@ -139,3 +139,15 @@ def test_bad_input_names_the_argument():
         CFG(fn, 2.0, None, torch.zeros(4))
     with pytest.raises(ValueError, match="shaped like x"):
         CFG(lambda x, t, c: x[:, :1], 2.0, torch.ones(4), torch.zeros(4))(x, t)
+
+
+@pytest.mark.parametrize("scale, err, needle", [
+    (lambda t: torch.ones(3, 2), ValueError, "must be a number or a real \\[B\\] tensor"),
+    (lambda t: torch.ones(5), ValueError, "5 entries but the batch has 4"),
+    (lambda t: "a", TypeError, "must be a number or a \\[B\\] tensor"),
+])
+def test_a_bad_scale_function_is_named(scale, err, needle):
+    guided = fs.classifier_free_guidance(lambda x, t, c: -x + c, cond=torch.ones(4, 2), uncond=torch.zeros(4, 2),
+                                         scale=scale)
+    with pytest.raises(err, match=needle):
+        guided(torch.randn(4, 2), torch.rand(4))

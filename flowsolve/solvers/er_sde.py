@@ -126,6 +126,12 @@ class _ERSDE(X0Multistep):
             # q = (phi/s)(s_{i+1}) / (phi/s)(s_i) <= 1 and r = q s_{i+1}/s_i: the noise variance
             # s_{i+1}^2 - r^2 s_i^2 = s_{i+1}^2 (1 - q^2) without cancellation (exactly 0 for phi = s)
             q = float((phi[i + 1] / s[i + 1]) / (phi[i] / s[i]))
+            if q > 1.0 + 1e-12:  # negative noise variance: the ER-SDE needs phi(s)/s non-decreasing in s
+                raise ValueError(
+                    f"noise_scale={self.noise_scale!r}: phi(s)/s must not decrease with s (Cui et al. 2023, eq. 12), "
+                    f"but between s={s_f[i]:.4g} and s={s_f[i + 1]:.4g} it gives q = {q:.4g} > 1, a negative noise "
+                    f"variance. Use a built-in noise_scale ({', '.join(NOISE_SCALES)}) or a phi with phi(s)/s "
+                    f"non-decreasing, e.g. phi(s) = s or s * (exp(s**0.3) + 10).")
             r = q * s_f[i + 1] / s_f[i]
             cx[i] = float(a1[i]) / float(a0[i]) * r
             noise[i] = float(a1[i]) * s_f[i + 1] * math.sqrt(max(1.0 - q * q, 0.0))
