@@ -93,3 +93,13 @@ class Law:
 
     def result(self):
         return self.mean[:, 0], self.cov[:, 0, 0]
+
+
+def F64(v) -> torch.Tensor:
+    """A float64 tensor of v (the exact-law tests' time arguments)."""
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def alpha_sigma(path, t) -> tuple[float, float]:
+    """(alpha(t), sigma(t)) as Python floats, in float64."""
+    return float(path.alpha(F64(t))), float(path.sigma(F64(t)))
