@@ -7,7 +7,8 @@ from .backend import HAS_TRITON, interpreting, resolve_backend
 from .embedded import embedded_step, embedded_step_torch
 from .hutchinson import PROBES, hutchinson_accumulate, hutchinson_accumulate_torch, probes_
 from .lincomb import MAX_INPUTS, lincomb, lincomb_torch
-from .philox import STREAM_INIT, STREAM_PROBE, STREAM_STEP, keyed_normal_torch, normal_, seed_tensor
+from .philox import STREAM_INIT, STREAM_PROBE, STREAM_STEP, keyed_normal_torch, normal_
+from .seed import seed_tensor
 from .steps import euler_maruyama_step, euler_step, heun_step
 
 __all__ = [
