@@ -7,13 +7,21 @@ carry the exact log-density (FORMULAS.md §3-4) that ``log_likelihood`` (Chen et
 is scored against.
 
 Mixture references are cached on disk (``$FLOWSOLVE_BENCH_CACHE``, default ``~/.cache/flowsolve/bench``),
-keyed by a hash of everything they depend on: the problem's parameters, the start points, the range,
-grid and tolerance, and the source of the library files that compute them.
+keyed by a SHA-256 of everything they depend on: the problem's parameters, the start points, the range,
+grid and tolerance, and the source of the library files that compute them. The file name holds a prefix of
+the key and the file holds all of it. A file is read with ``torch.load(weights_only=True)`` (a tampered
+pickle cannot run code) and used only if it holds a finite float reference of the start points' shape and
+dtype, a finite error estimate within the tolerance and a step count in range, computed for the same key;
+any other file (truncated, foreign, tampered, stale) is recomputed and replaced with a warning naming it.
+Files are written atomically (a temp file in the same folder, then ``os.replace``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +33,7 @@ import flowsolve as fs
 # (adaptive solvers at rtol 1e-6), so 1e-10 keeps the reference >= 1000x more accurate than anything it scores.
 REF_TOL = 1e-10
 REF_MIN_STEPS, REF_MAX_STEPS = 256, 16384
+CACHE_FORMAT = 2  # bump when the file layout or the key changes
 _SOURCES = ("analytic.py", "paths.py", "grids.py", "sample.py", "model.py", "solvers/runge_kutta.py")
 
 
@@ -68,15 +77,14 @@ class Problem:
         RK4 solve, steps doubled until its estimated RMS error <= ``tol`` (kept in ``ref_error[t_max]``)."""
         if self.exact_flow:
             return self.prob.flow(x_T, t_max, self.t_min)
-        path = _cache_path(self, x_T, t_max, tol) if cache else None
-        if path is not None and os.path.isfile(path):
-            try:
-                saved = torch.load(path)
+        key = _cache_key(self, x_T, t_max, tol) if cache else None
+        path = _cache_file(self, key) if cache else None
+        if path is not None and os.path.exists(path):
+            saved = _load_reference(path, key, x_T, tol)
+            if saved is not None:
                 self.ref_error[t_max], self.ref_steps[t_max] = saved["error"], saved["steps"]
                 self.cache_hits += 1
                 return saved["ref"]
-            except Exception:  # a truncated or foreign file: recompute
-                pass
         model = self.model()
         kw = dict(solver="rk4", grid=self.ref_grid, t_max=t_max, t_min=self.t_min)
         steps = REF_MIN_STEPS
@@ -89,12 +97,7 @@ class Problem:
             coarse, steps = fine, 2 * steps
         self.ref_error[t_max], self.ref_steps[t_max] = err, steps
         if path is not None:
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save({"ref": fine, "error": err, "steps": steps}, path + ".tmp")
-                os.replace(path + ".tmp", path)
-            except OSError:  # a read-only home: run without the cache
-                pass
+            _save_reference(path, {"format": CACHE_FORMAT, "key": key, "ref": fine, "error": err, "steps": steps})
         return fine
 
 
@@ -116,8 +119,9 @@ def cache_dir() -> str:
     return os.environ.get("FLOWSOLVE_BENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flowsolve", "bench"))
 
 
-def _cache_path(problem: Problem, x_T: torch.Tensor, t_max: float, tol: float) -> str:
-    h = hashlib.sha256()
+def _cache_key(problem: Problem, x_T: torch.Tensor, t_max: float, tol: float) -> str:
+    """SHA-256 (hex) of everything a mixture reference depends on; stored inside the file and compared on load."""
+    h = hashlib.sha256(f"flowsolve-bench-reference-v{CACHE_FORMAT}".encode())
     params = problem.params()
     for k, v in sorted(params.pop("tensors").items()):
         h.update(k.encode())
@@ -132,7 +136,68 @@ def _cache_path(problem: Problem, x_T: torch.Tensor, t_max: float, tol: float) -
                 h.update(fh.read())
         except OSError:
             h.update(src.encode())
-    return os.path.join(cache_dir(), f"{problem.name}-{h.hexdigest()[:20]}.pt")
+    return h.hexdigest()
+
+
+def _cache_file(problem: Problem, key: str) -> str:
+    return os.path.join(cache_dir(), f"{problem.name}-{key[:20]}.pt")
+
+
+def _check_reference(saved, key: str, x_T: torch.Tensor, tol: float) -> str | None:
+    """Why a loaded cache entry is not the reference for ``key`` (None if it is)."""
+    if not isinstance(saved, dict):
+        return f"holds a {type(saved).__name__}, not a dict"
+    if saved.get("format") != CACHE_FORMAT or saved.get("key") != key:
+        return "was computed for another problem, start point, range or library version (its key differs)"
+    ref, err, steps = saved.get("ref"), saved.get("error"), saved.get("steps")
+    if not isinstance(ref, torch.Tensor) or ref.shape != x_T.shape or ref.dtype != x_T.dtype or ref.device != x_T.device:
+        what = f"{ref.dtype} {tuple(ref.shape)}" if isinstance(ref, torch.Tensor) else type(ref).__name__
+        return f"holds a {what} reference, not {x_T.dtype} {tuple(x_T.shape)}"
+    if not bool(torch.isfinite(ref).all()):
+        return "holds a reference with NaN or inf"
+    if isinstance(err, bool) or not isinstance(err, float) or not 0.0 <= err < float("inf"):
+        return f"holds an error estimate {err!r}, not a finite float >= 0"
+    if isinstance(steps, bool) or not isinstance(steps, int) or not REF_MIN_STEPS <= steps <= REF_MAX_STEPS:
+        return f"holds steps={steps!r}, not an int in [{REF_MIN_STEPS}, {REF_MAX_STEPS}]"
+    if err > tol and steps < REF_MAX_STEPS:
+        return f"holds a reference of error {err:.1e} > tol {tol:.1e} at steps={steps} < {REF_MAX_STEPS}"
+    return None
+
+
+def _load_reference(path: str, key: str, x_T: torch.Tensor, tol: float) -> dict | None:
+    """The cached entry at ``path`` if it is the reference for ``key``; None (with a warning naming the file) if
+    the file cannot be read by ``torch.load(weights_only=True)`` (truncated, foreign, or a pickle that would run
+    code) or holds anything else."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a miss
+        why = f"cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    else:
+        why = _check_reference(saved, key, x_T, tol)
+        if why is None:
+            return saved
+    warnings.warn(f"bench reference cache file {path} {why}; recomputing the reference and replacing the file.",
+                  stacklevel=3)
+    return None
+
+
+def _save_reference(path: str, entry: dict) -> None:
+    """Write ``entry`` atomically: a temp file in the same folder, then ``os.replace`` (readers see the old file or
+    the whole new one, never a partial one). A failure (read-only home, full disk) warns; nothing is left behind."""
+    folder = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(entry, fh)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        warnings.warn(f"bench reference cache file {path} could not be written ({e}); continuing without the cache.",
+                      stacklevel=3)
 
 
 def _gaussian_data(dim: int, seed: int):
