@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -594,10 +595,31 @@ def _peer_names() -> set:
         return set()
 
 
+def _usage_error(message: str):
+    """Exit like argparse does on a bad argument: the message on stderr, exit code 2, no traceback."""
+    print(f"python -m bench steps: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_out(out) -> None:
+    """``--out`` must be a folder we can create and write into: checked before the sweep (minutes), not after."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        _usage_error(f"--out={out!r} is not a writable folder ({e.strerror or e}); pass a folder you can write to, "
+                     f"e.g. --out bench/results.")
+
+
 def run_cli(args) -> int:
+    """``python -m bench steps``: the arguments are checked first (bad values exit with code 2 before any work)."""
+    threads = getattr(args, "threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        _usage_error(f"--threads={threads}: pass a positive number of torch intra-op threads (default 1).")
+    _check_out(args.out)
     # One intra-op thread by default: the tensors here are <= 65k elements, where a second thread saves nothing and,
     # on a loaded shared machine, oversubscription made the reference solves 10x slower (measured: 95 s vs 9 s).
-    threads = getattr(args, "threads", 1) or 1
     torch.set_num_threads(threads)
     wall0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     all_problems = problems(args.seed)

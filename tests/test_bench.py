@@ -1,5 +1,6 @@
 """The benchmark's own arithmetic, checked against independent answers."""
 import math
+import re
 
 import pytest
 import torch
@@ -203,3 +204,40 @@ def test_reference_cache_returns_the_same_endpoint(tmp_path, monkeypatch, one_th
     assert p.cache_hits == hits + 1 and torch.equal(first, again) and p.ref_error[p.t_max] == err <= 1e-8
     p.reference(x_T + 1e-3, p.t_max, tol=1e-8)
     assert p.cache_hits == hits + 1
+
+
+def _no_sweep(monkeypatch):
+    """The checks must come before any work: a sweep or a problem build fails the test."""
+    def boom(*a, **k):
+        raise AssertionError("the sweep started before the arguments were checked")
+
+    for name in ("sweep_ours", "sweep_peer", "sweep_likelihood", "problems"):
+        monkeypatch.setattr(B, name, boom)
+
+
+@pytest.mark.parametrize("bad", ["file", "under-file"])
+def test_steps_cli_checks_out_before_the_sweep(tmp_path, monkeypatch, capsys, bad):
+    """--out that cannot be a folder (an existing file, or a path under one; root ignores permission bits, so
+    these are the portable cases): exit code 2 and a message naming --out, before any sweep, no traceback."""
+    from bench.__main__ import main
+
+    _no_sweep(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker if bad == "file" else blocker / "results"
+    with pytest.raises(SystemExit) as e:
+        main(["steps", "--quick", "--no-progress", "--problems", "gaussian-vp", "--solvers", "euler", "--out", str(out)])
+    assert e.value.code == 2
+    assert re.search(r"--out=.*a-file.*(not|cannot)", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_steps_cli_rejects_non_positive_threads(tmp_path, monkeypatch, capsys, threads):
+    from bench.__main__ import main
+
+    _no_sweep(monkeypatch)
+    before = torch.get_num_threads()
+    with pytest.raises(SystemExit) as e:
+        main(["steps", "--quick", "--no-progress", "--threads", threads, "--out", str(tmp_path)])
+    assert e.value.code == 2 and f"--threads={threads}" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
