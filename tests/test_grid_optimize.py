@@ -231,3 +231,36 @@ def test_pilot_tensor_is_used_as_is():
     g2 = fs.grids.optimize(model, nfe=5, solver="dpm++2m", pilot=8, shape=(2,), seed=5, max_iter=8, ref_steps=16,
                            cache=False)
     assert torch.equal(gx, g2) and math.isfinite(float(gx.sum()))
+
+
+class _MLP(torch.nn.Module):
+    """A float32 MLP eps model on (x, t), as trained networks usually are."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None]], 1))
+
+
+def test_float32_module_works_and_a_wrong_pilot_dtype_says_why():
+    """A float32 torch module, as a fs.Model's fn or inside a lambda: the pilot follows its parameters' dtype
+    (dtype=None), the grid is valid and samples at the budget; an explicit float64 pilot that the module cannot
+    take is refused naming dtype=."""
+    path = fs.paths.VP()
+    net = _MLP()
+    seq = net.net
+    assert next(net.parameters()).dtype == torch.float32
+    for fn in (net, lambda x, t: seq(torch.cat([x, t[:, None]], 1))):
+        model = fs.Model(fn, path, predicts="eps")
+        grid, info = fs.grids.optimize(model, nfe=5, solver="dpm++2m", pilot=8, shape=(2,), max_iter=5,
+                                       ref_steps=16, cache=False, return_info=True)
+        _check_grid(grid, path, path.t_max, path.t_min)
+        assert info["dtype"] == "torch.float32"
+        x, meta = fs.sample(model, torch.randn(4, 2), solver="dpm++2m", grid=grid, return_info=True)
+        assert meta["nfe"] == 5 and x.dtype == torch.float32 and bool(torch.isfinite(x).all())
+        with pytest.raises(ValueError, match=r"dtype=torch\.float64.*float32.*pass dtype=torch\.float32"):
+            fs.grids.optimize(model, nfe=5, solver="dpm++2m", pilot=8, shape=(2,), max_iter=0, ref_steps=16,
+                              cache=False, dtype=torch.float64)
