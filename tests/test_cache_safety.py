@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import warnings
 
 import pytest
@@ -105,20 +106,32 @@ def _computed_for_another_start(path, saved, other):
     os.replace(other, path)
 
 
+@pytest.fixture(scope="module")
+def two_cache_files(tmp_path_factory):
+    """(reference for x_T, cache file for x_T, cache file for x_T + 1e-3), computed once for the tamper cases."""
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only slows them down on a loaded machine
+    with pytest.MonkeyPatch.context() as mp:
+        for name, shift in (("mine", 0.0), ("other", 1e-3)):
+            folder = tmp_path_factory.mktemp(name)
+            p, x_T = _mixture(folder, mp)
+            out[name] = (p.reference(x_T + shift, p.t_max, tol=1e-8), _only_file(folder))
+    torch.set_num_threads(threads)
+    return out["mine"][0], out["mine"][1], out["other"][1]
+
+
 @pytest.mark.parametrize("tamper", [_truncated, _garbage_table, _not_a_dict, _wrong_dtype, _non_finite,
                                     _bad_error_field, _computed_for_another_start])
-def test_bench_cache_bad_file_is_recomputed_with_a_warning(tmp_path, monkeypatch, one_thread, tamper):
+def test_bench_cache_bad_file_is_recomputed_with_a_warning(tmp_path, monkeypatch, one_thread, two_cache_files,
+                                                           tamper):
+    fresh, mine, other = two_cache_files
     p, x_T = _mixture(tmp_path, monkeypatch)
-    fresh = p.reference(x_T, p.t_max, tol=1e-8)
-    path = _only_file(tmp_path)
+    path = str(tmp_path / os.path.basename(mine))
+    shutil.copyfile(mine, path)
     saved = torch.load(path, weights_only=True)
-    other_dir = tmp_path / "other"
-    other_dir.mkdir()
-    monkeypatch.setenv("FLOWSOLVE_BENCH_CACHE", str(other_dir))
-    p.reference(x_T + 1e-3, p.t_max, tol=1e-8)
-    other = _only_file(other_dir)
-    monkeypatch.setenv("FLOWSOLVE_BENCH_CACHE", str(tmp_path))
-    tamper(path, saved, other)
+    other_copy = str(tmp_path.parent / f"other-{tamper.__name__}.pt")
+    shutil.copyfile(other, other_copy)
+    tamper(path, saved, other_copy)
     hits = p.cache_hits
     with pytest.warns(UserWarning, match=re.escape(path)):
         again = p.reference(x_T, p.t_max, tol=1e-8)
@@ -127,7 +140,7 @@ def test_bench_cache_bad_file_is_recomputed_with_a_warning(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         third = p.reference(x_T, p.t_max, tol=1e-8)
-    assert torch.equal(third, fresh) and p.cache_hits == hits + 1
+    assert torch.equal(third, fresh) and p.cache_hits == hits + 1 and os.listdir(tmp_path) == [os.path.basename(path)]
 
 
 def test_bench_cache_write_is_atomic(tmp_path, monkeypatch, one_thread):
