@@ -6,8 +6,11 @@ buffer, so the next call overwrites what the previous one returned. A solver tha
 later model call without owning a copy would read the newer output in its place. Every registered solver
 (``fs.solvers()``: new ones join automatically) and a few non-default configurations are run twice, fresh
 and reused, from the same seed on the same backend: results must be bitwise equal (same inputs to the same
-deterministic kernels; the buffer's values are those of the fresh tensor, bit for bit). ``fs.odeint`` and
-``fs.log_likelihood`` get the same check.
+deterministic kernels; the buffer's values are those of the fresh tensor, bit for bit), on the torch twin
+(the tests' default) and, for the solvers that were restructured for this, on the Triton kernels. ``fs.odeint``
+and ``fs.log_likelihood`` get the same check. Classifier-free guidance with two separate calls
+(``fs.guidance.CFG(..., uncond=None)``) still keeps the conditional output across the unconditional call: a
+strict xfail until it is fixed there.
 """
 import pytest
 import torch
@@ -43,8 +46,11 @@ def _problem():
 
 
 def _kwargs(info):
-    # adaptive solvers choose their own steps; fixed-step ones take few steps (restart's default interval attaches
-    # to a point of this grid, heun-like solvers correct on every step: t_min > 0)
+    # adaptive solvers choose their own steps (ggf loosely: ~100 evaluations, with rejections, so that F is reused
+    # across attempts); fixed-step ones take few steps (restart's default interval attaches to a point of this
+    # grid; heun-like solvers correct on every step: t_min > 0)
+    if info.name == "ggf":
+        return {"rtol": 5e-2, "atol": 5e-2}
     return {"rtol": 1e-3, "atol": 1e-3} if info.adaptive else {"steps": 5}
 
 
@@ -71,6 +77,20 @@ def test_model_returning_one_reused_buffer_gives_the_fresh_output_result(solver,
     fresh = fs.sample(fs.Model(prob.eps, path, predicts="eps"), SHAPE, solver=solver, seed=3, **kwargs)
     got = fs.sample(fs.Model(reused, path, predicts="eps"), SHAPE, solver=solver, seed=3, **kwargs)
     assert reused.calls >= 2
+    assert torch.isfinite(fresh).all()
+    assert torch.equal(got, fresh), f"max |reused - fresh| = {(got - fresh).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("solver", ["heun", "edm-sde", "restart", "dpm2", "dpm3", "ggf"])
+def test_reused_buffer_on_the_triton_kernels(solver):
+    """The solvers restructured for this (and dpm2, restructured with dpm3) on the Triton kernels (the interpreter
+    in CI): same bitwise check, the kernels' own aliasing rules in play."""
+    path, prob = _problem()
+    kwargs = {"rtol": 5e-2, "atol": 5e-2} if solver == "ggf" else {"steps": 4}
+    fresh = fs.sample(fs.Model(prob.eps, path, predicts="eps"), SHAPE, solver=solver, seed=3, backend="triton",
+                      **kwargs)
+    got = fs.sample(fs.Model(ReusedOutput(prob.eps), path, predicts="eps"), SHAPE, solver=solver, seed=3,
+                    backend="triton", **kwargs)
     assert torch.isfinite(fresh).all()
     assert torch.equal(got, fresh), f"max |reused - fresh| = {(got - fresh).abs().max():.3g}"
 
@@ -120,3 +140,21 @@ def test_log_likelihood_with_a_model_returning_one_reused_buffer(solver, diverge
     assert reused.calls >= 4
     for g, f in zip(got, fresh):  # (log p, stderr): one Hutchinson probe gives a NaN stderr, in both
         torch.testing.assert_close(g, f, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.xfail(strict=True, reason="flowsolve/guidance.py: CFG with uncond=None calls fn twice and keeps the "
+                                       "conditional output across the unconditional call (reported; not fixed here)")
+def test_cfg_with_a_network_returning_one_reused_buffer():
+    def net(x, t, cond):  # a conditional network: the condition scales its output
+        return x * (2.0 if cond is not None else 0.5)
+
+    buf = torch.empty(SHAPE)
+
+    def net_reused(x, t, cond):
+        return buf.copy_(net(x, t, cond))
+
+    x, t = torch.ones(SHAPE), torch.full((SHAPE[0],), 0.5)
+    fresh = fs.guidance.CFG(net, 3.0, cond=1, uncond=None)(x, t)
+    got = fs.guidance.CFG(net_reused, 3.0, cond=1, uncond=None)(x, t)
+    assert torch.equal(fresh, torch.full(SHAPE, 5.0))  # 0.5 + 3 (2 - 0.5)
+    assert torch.equal(got, fresh)
