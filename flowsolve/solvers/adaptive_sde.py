@@ -62,6 +62,9 @@ Choices, and where they differ from the paper and its code (AlexiaJM/score_sde_f
 * **NFE.** A rejected attempt leaves (x, t) unchanged, so F(x, t) is reused: an attempt costs one model call
   (F' at x') plus one after each acceptance (F at the new state; none after the last, which lands on t_min), and
   one at t_max: NFE = 2 accepted + rejected (+ 1 with ``denoise``), against 2 per attempt in the paper's code.
+  F is read after later model calls (F' of every attempt from the same point), so it is copied into a buffer the
+  solver owns as it is evaluated: a model may return one reused output buffer (TensorRT / ONNX io-binding,
+  CUDA-graph replay). One state-sized copy per accepted step; F' is consumed before the next model call.
 * **First step.** ``h0`` defaults to 0.01 (t_max - t_min): the paper's h_init = 0.01 on its [1e-3, 1] range,
   scaled to paths with other time ranges (EDM's t = sigma in [0.002, 80]).
 * **Tolerances.** Defaults rtol = 1e-2, atol = 0.0078 are the paper's CIFAR-10 VP setting (data in [-1, 1];
@@ -194,7 +197,10 @@ class GottaGoFast(AdaptiveSolver):
         cur, nxt = x, torch.empty_like(x)  # accepted state and the candidate x'' (swapped on acceptance)
         xp, xp_prev = torch.empty_like(x), x.clone()  # the EM proposal x' and the last accepted one (paper: x0 at t_max)
         err = torch.empty(b, dtype=acc, device=dev)
-        raw = evaluate(cur, t_max)
+        # F at the accepted point is read by every attempt from it, after each attempt's own model call: the solver
+        # owns a copy (a model may return one reused output buffer), one copy per accepted step
+        raw = torch.empty_like(x)
+        raw.copy_(evaluate(cur, t_max))
         t = t_max
         h = min(0.01 * span if self.h0 is None else float(self.h0), span)
         accepted = rejected = 0
@@ -234,7 +240,7 @@ class GottaGoFast(AdaptiveSolver):
                 t = t1
                 times.append(t)
                 if t > t_min:
-                    raw = evaluate(cur, t)
+                    raw.copy_(evaluate(cur, t))
                 if trajectory is not None:
                     trajectory.append(cur.clone())
                 if callback is not None:

@@ -9,6 +9,21 @@ A solver is its coefficients as data plus a few lines (DESIGN.md, "Contracts"):
   ``run.combine`` (one fused kernel call reading its coefficient row by the device step index).
   ``n`` is a Python int used only for the plan's structural decisions; no number derived from
   device data enters the loop.
+
+Two rules every ``step`` (and every adaptive ``integrate``) keeps:
+
+* **Model outputs are borrowed.** ``run.evaluate`` returns the model's raw output, which the model may own and
+  overwrite on its next call (one preallocated tensor returned every time: TensorRT / ONNX Runtime io-binding,
+  a CUDA-graph-replayed network, an ``out=`` buffer). A step consumes each raw output in combines made before
+  its next evaluation; whatever must outlive that evaluation lives in run-owned memory, preferably a tensor the
+  step writes anyway and from which the later update can be written (a history push of the x0 prediction;
+  Heun's predictor x' = x + h u(x), so x + h/2 u(x) = (x + x')/2; DPM-Solver's first stage u1), else a copy
+  (``ggf``'s F, read by every attempt from the same point).
+  ``tests/test_reused_outputs.py`` checks every registered solver against fresh outputs, bitwise.
+* **Scratch belongs to the run.** One solver instance and its plan may serve concurrent runs (one ``Sampler``
+  used from several threads): ``plan`` and ``step`` keep nothing on ``self`` or in module state; state-sized
+  scratch comes from ``run.buffer`` / ``run.push`` (or the locals of ``integrate``).
+  ``tests/test_threads.py`` samples every registered solver from 4 threads, bitwise the serial results.
 """
 from __future__ import annotations
 

@@ -25,6 +25,17 @@ def _stage_time(path, lam0, h, r):
 
 
 class _SinglestepDPM(Solver):
+    """Stage k >= 1 evaluates at u_k; every stage (and the final update) is ``cx x + w eps_{i-1} + v eps_{k-1}``
+    with eps_j = ae_j x + be_j raw_j. A subclass's ``_stages`` gives (cx, w, v) per stage after u1 and for the
+    output, in float64.
+
+    No raw output is read after a later model call: eps_{i-1} enters every stage after u1 through u1 itself,
+    eps_{i-1} = (u1 - cx1 x) / ce1 (u1 = cx1 x + ce1 eps_{i-1}, ce1 = -sigma_s1 (e^{r1 h} - 1) != 0 on a full
+    step), folded into the coefficients in float64. A stage then reads (x, u1, u_{k-1}, raw_{k-1}) -- (x, u1,
+    raw1) when u_{k-1} is u1 -- one tensor fewer than with raw0, and a model that returns one reused output
+    buffer gives the fresh-output result. Conditioning: the weight of u1 is w / ce1, of order 1 (3/4 for DPM-Solver-3's
+    update as h -> 0, 0 for DPM-Solver-2's r1 = 1/2, where w = 0), so the rounding of u1 adds about an ulp."""
+
     r: tuple  # intermediate fractions r_k of the step in lambda
 
     def plan(self, model, grid) -> Plan:
@@ -52,24 +63,37 @@ class _SinglestepDPM(Solver):
         stage_times = [torch.where(full, _stage_time(path, lam0, h_safe, r), t0) for r in self.r]
         for k, ts in enumerate(stage_times):
             t_eval[:, 1 + k] = torch.where(full, ts, torch.full_like(ts, float("nan")))
-        tables.update(self._full_tables(model, path, t1, h_safe, stage_times, exp_update, ae0, be0))
+        zero = torch.zeros_like(h)
+        cx1, ce1 = exp_update(stage_times[0])
+        tables["u1"] = table(torch.where(full, cx1 + ce1 * ae0, zero), torch.where(full, ce1 * be0, zero))  # (x, raw0)
+        ce1_safe = torch.where(full, ce1, torch.ones_like(ce1))  # rows of steps that are not full: unused, finite
+        names = [f"u{k}" for k in range(2, len(self.r) + 1)] + ["out"]
+        for k, (name, (cx, w, v)) in enumerate(zip(names, self._stages(path, t1, h_safe, stage_times, exp_update)), 1):
+            # stage after u_k: cx x + w eps0 + v eps_k, eps0 = (u1 - cx1 x) / ce1, eps_k = ae_k u_k + be_k raw_k
+            ae, be = model.conversion("eps", stage_times[k - 1])
+            w1 = w / ce1_safe
+            cols = [cx - w1 * cx1, w1] + ([v * be] if k == 1 else [v * ae, v * be])  # (x, u1, [u_k,] raw_k)
+            if k == 1:
+                cols[1] = cols[1] + v * ae
+            tables[name] = table(*[torch.where(full, c, zero) for c in cols])
         use_full = [bool(v) for v in full]
         evals = [1 + len(self.r) if f else 1 for f in use_full]
         return Plan(grid, tables, t_eval, evals, {"full": use_full})
 
     def step(self, run, n: int) -> None:
-        """Stage k computes u_k from (x, raw0) and the previous stage (u_{k-1}, raw_{k-1}); the update
-        reads (x, raw0, u_last, raw_last). A step that cannot take the full method is DDIM."""
+        """u1 from (x, raw0); stage k >= 2 from (x, u1, u_{k-1}, raw_{k-1}) (u_{k-1} = u1 counted once); the
+        update likewise. A step that cannot take the full method is DDIM."""
         x = run.x
         raw0 = run.evaluate(x, 0)
         if not run.plan.flags["full"][n]:
             run.combine(x, [x, raw0], "ddim")
             return
-        prev = []
-        for k in range(1, len(self.r) + 1):
-            u = run.combine(run.buffer(f"u{k}"), [x, raw0, *prev], f"u{k}")
+        u1 = run.combine(run.buffer("u1"), [x, raw0], "u1")
+        prev = [run.evaluate(u1, 1)]  # (u1 is already an input)
+        for k in range(2, len(self.r) + 1):
+            u = run.combine(run.buffer(f"u{k}"), [x, u1, *prev], f"u{k}")
             prev = [u, run.evaluate(u, k)]
-        run.combine(x, [x, raw0, *prev], "out")
+        run.combine(x, [x, u1, *prev], "out")
 
 
 @register
@@ -78,20 +102,12 @@ class DPMSolver2(_SinglestepDPM):
                       paper="Lu et al. 2022, DPM-Solver-2 (Algorithm 1, r1 = 1/2)")
     r = (0.5,)
 
-    def _full_tables(self, model, path, t1, h, stage_times, exp_update, ae0, be0):
-        (s1,) = stage_times
+    def _stages(self, path, t1, h, stage_times, exp_update):
         r1 = self.r[0]
-        cx, ce = exp_update(s1)
-        ae1, be1 = model.conversion("eps", s1)
         # x_i = cx_i x + ce_i eps0 + (ce_i / (2 r1)) (eps1 - eps0); ce_i = -sigma_i (e^h - 1)
         cxi, cei = exp_update(t1)
         w1 = cei / (2 * r1)
-        w0 = cei - w1
-        return {
-            "u1": table(cx + ce * ae0, ce * be0),                      # inputs (x, raw0)
-            "out": table(cxi + w0 * ae0, w0 * be0, w1 * ae1, w1 * be1),  # inputs (x, raw0, u1, raw1)
-        }
-
+        return [(cxi, cei - w1, w1)]  # out: (x, eps0, eps1)
 
 
 @register
@@ -100,23 +116,16 @@ class DPMSolver3(_SinglestepDPM):
                       paper="Lu et al. 2022, DPM-Solver-3 (Algorithm 2, r1 = 1/3, r2 = 2/3)")
     r = (1.0 / 3.0, 2.0 / 3.0)
 
-    def _full_tables(self, model, path, t1, h, stage_times, exp_update, ae0, be0):
+    def _stages(self, path, t1, h, stage_times, exp_update):
         s1, s2 = stage_times
         r1, r2 = self.r
-        cx1, ce1 = exp_update(s1)
         cx2, ce2 = exp_update(s2)
         cxi, cei = exp_update(t1)
-        ae1, be1 = model.conversion("eps", s1)
-        ae2, be2 = model.conversion("eps", s2)
         # u2 = cx2 x + ce2 eps0 - (sigma_s2 r2/r1) ((e^{r2 h} - 1)/(r2 h) - 1) D1,   -ce2 = sigma_s2 (e^{r2 h} - 1)
         phi2 = (-ce2) / (r2 * h) - path.sigma(s2)  # sigma_s2 ((e^{r2 h} - 1)/(r2 h) - 1)
         d1 = -(r2 / r1) * phi2
         # x_i = cxi x + cei eps0 - (sigma_i / r2) ((e^h - 1)/h - 1) D2
         phi = (-cei) / h - path.sigma(t1)
         d2 = -phi / r2
-        return {
-            "u1": table(cx1 + ce1 * ae0, ce1 * be0),
-            "u2": table(cx2 + (ce2 - d1) * ae0, (ce2 - d1) * be0, d1 * ae1, d1 * be1),  # (x, raw0, u1, raw1)
-            "out": table(cxi + (cei - d2) * ae0, (cei - d2) * be0, d2 * ae2, d2 * be2),  # (x, raw0, u2, raw2)
-        }
-
+        return [(cx2, ce2 - d1, d1),    # u2: (x, eps0, eps1), D1 = eps1 - eps0
+                (cxi, cei - d2, d2)]    # out: (x, eps0, eps2), D2 = eps2 - eps0

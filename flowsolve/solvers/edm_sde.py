@@ -5,7 +5,8 @@ Per step, in the noise level s = sigma/alpha (the VE view x/alpha):
     gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= s_i <= S_tmax else 0
     s_hat = s_i (1 + gamma_i),  x_hat = x_i + sqrt(s_hat^2 - s_i^2) S_noise z       (lines 4-6)
     then one Heun step of the PF-ODE from t_hat = t(s_hat) to t_{i+1} (lines 7-10), with the
-    Euler-only last step where t_{i+1} cannot be evaluated (line 9).
+    Euler-only last step where t_{i+1} cannot be evaluated (line 9); the step is ``heun``'s (``heun_step``:
+    its corrector reads (x_hat, x', raw_1), so no model output is read after the next model call).
 In data space x_hat = (alpha_hat/alpha_i) x + alpha_hat sqrt(s_hat^2 - s_i^2) S_noise z. S_churn = 0
 is exactly ``heun``. t_hat is capped at the path's upper end.
 """
@@ -16,6 +17,7 @@ import math
 import torch
 
 from .base import Plan, Solver, SolverInfo, register, table
+from .heun import heun_rows, heun_step
 
 
 @register
@@ -46,12 +48,7 @@ class EDMStochastic(Solver):
         noise = torch.where(churned, a_hat * torch.sqrt(torch.clamp(s_hat**2 - s_i**2, min=0.0)) * self.s_noise,
                             torch.zeros_like(a_i))
         churn = table(scale, noise=noise)
-        h = t1 - t_hat
-        correct = model.can_convert("velocity", t1)
-        a0, b0 = model.conversion("velocity", t_hat)
-        a1, b1 = model.conversion("velocity", t1.where(correct, t_hat))
-        euler = table(1.0 + h * a0, h * b0)
-        heun = table(1.0 + 0.5 * h * a0, 0.5 * h * b0, 0.5 * h * a1, 0.5 * h * b1)
+        euler, heun, correct = heun_rows(model, t_hat, t1)
         t_eval = torch.stack([t_hat, t1.where(correct, torch.full_like(t1, float("nan")))], 1)
         flags = {"correct": [bool(c) for c in correct]}
         return Plan(grid, {"churn": churn, "euler": euler, "heun": heun}, t_eval,
@@ -60,9 +57,4 @@ class EDMStochastic(Solver):
     def step(self, run, n: int) -> None:
         x = run.x
         x_hat = run.combine(run.buffer("x_hat"), [x], "churn", noise=True)
-        d0 = run.evaluate(x_hat, 0)
-        if not run.plan.flags["correct"][n]:
-            run.combine(x, [x_hat, d0], "euler")
-            return
-        x_pred = run.combine(run.buffer("x_pred"), [x_hat, d0], "euler")
-        run.combine(x, [x_hat, d0, x_pred, run.evaluate(x_pred, 1)], "heun")
+        heun_step(run, x, x_hat, 0, "euler", "heun", run.plan.flags["correct"][n])

@@ -37,21 +37,11 @@ import torch
 
 from .. import grids as _grids
 from ..kernels import STREAM_STEP, lincomb
-from .base import Plan, Solver, SolverInfo, register, table
+from .base import Plan, Solver, SolverInfo, register
+from .heun import heun_rows, heun_step
 
 STREAM_RESTART = STREAM_STEP + 8  # the restart forward jumps (extra noise of a step: streams 8+)
 PAPER_INTERVALS = ((0.06, 0.30, 2, 2),)  # Xu et al. 2023, CIFAR-10 VP: {"0": [N=3, K=2, 0.06, 0.30]}, 18 steps
-
-
-def _heun_rows(model, t0: torch.Tensor, t1: torch.Tensor):
-    """Euler and Heun rows of the PF-ODE steps t0 -> t1 (as ``heun``), and whether each can correct."""
-    h = t1 - t0
-    correct = model.can_convert("velocity", t1)
-    a0, b0 = model.conversion("velocity", t0)
-    a1, b1 = model.conversion("velocity", t1.where(correct, t0))
-    euler = table(1.0 + h * a0, h * b0)
-    heun = table(1.0 + 0.5 * h * a0, 0.5 * h * b0, 0.5 * h * a1, 0.5 * h * b1)
-    return euler, heun, correct
 
 
 def _attach_point(s_grid: list[float], s_min: float, s_max: float):
@@ -117,7 +107,7 @@ class Restart(Solver):
         path = model.path
         t0, t1 = grid[:-1], grid[1:]
         n = t0.numel()
-        euler, heun, correct = _heun_rows(model, t0, t1)
+        euler, heun, correct = heun_rows(model, t0, t1)
         main_correct = [bool(c) for c in correct]
         s_grid = torch.exp(-path.lam(grid))
         restarts: dict[int, tuple] = {}
@@ -147,7 +137,7 @@ class Restart(Solver):
         jump = torch.zeros(n, self.k_max, 2, dtype=torch.float64)
         jump[:, :, 0] = 1.0
         r_euler = [torch.zeros(n, 3, dtype=torch.float64) for _ in range(n_max)]
-        r_heun = [torch.zeros(n, 5, dtype=torch.float64) for _ in range(n_max)]
+        r_heun = [torch.zeros(n, 4, dtype=torch.float64) for _ in range(n_max)]
         flags_restart = [None] * n
         evals = [1 + c for c in main_correct]
         for m, (k, inner) in restarts.items():
@@ -157,7 +147,7 @@ class Restart(Solver):
             ratio = ab / aa
             jump[m, :, 0] = float(ratio)
             jump[m, :, 1] = float(torch.sqrt(torch.clamp(sb**2 - (ratio * sa) ** 2, min=0.0))) * self.s_noise
-            e_rows, h_rows, corr = _heun_rows(model, inner[:-1], inner[1:])
+            e_rows, h_rows, corr = heun_rows(model, inner[:-1], inner[1:])
             for q in range(inner.numel() - 1):
                 r_euler[q][m] = e_rows[q]
                 r_heun[q][m] = h_rows[q]
@@ -176,12 +166,7 @@ class Restart(Solver):
 
     def step(self, run, n: int) -> None:
         x, flags = run.x, run.plan.flags
-        d0 = run.evaluate(x, 0)
-        if not flags["correct"][n]:
-            run.combine(x, [x, d0], "euler")
-        else:
-            x_pred = run.combine(run.buffer("x_pred"), [x, d0], "euler")
-            run.combine(x, [x, d0, x_pred, run.evaluate(x_pred, 1)], "heun")
+        heun_step(run, x, x, 0, "euler", "heun", flags["correct"][n])
         restart = flags["restart"][n]
         if restart is None:
             return
@@ -191,9 +176,4 @@ class Restart(Solver):
             lincomb(x, [x], run.tables["r_jump"], key, run.seed, sample_offset=run.sample_offset,
                     stream=STREAM_RESTART, backend=run.backend)
             for q, c in enumerate(corr):
-                d = run.evaluate(x, 2 + 2 * q)
-                if not c:
-                    run.combine(x, [x, d], f"r_euler{q}")
-                    continue
-                x_pred = run.combine(run.buffer("x_pred"), [x, d], f"r_euler{q}")
-                run.combine(x, [x, d, x_pred, run.evaluate(x_pred, 3 + 2 * q)], f"r_heun{q}")
+                heun_step(run, x, x, 2 + 2 * q, f"r_euler{q}", f"r_heun{q}", c)
