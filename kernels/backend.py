@@ -8,7 +8,9 @@ forces either: the ``backend=`` argument of a launcher / ``fs.sample``, or the e
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -28,6 +30,53 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_LOCAL = threading.local()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch a Triton kernel: ``kernel[grid](*args, **kwargs)``. Every launcher goes through here, so that
+    ``recording_launches`` can collect the exact arguments of each launch instead (for ahead-of-time compiles)."""
+    record = getattr(_LOCAL, "record", None)
+    if record is not None:
+        record.append((kernel, grid, args, kwargs))
+        return
+    counts = getattr(_LOCAL, "counts", None)
+    if counts is not None:
+        counts.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting_launches():
+    """Within this context (this thread only), the yielded list receives the name of every Triton kernel launched
+    (the kernels still run). Tests count launches per sampling step with it."""
+    previous = getattr(_LOCAL, "counts", None)
+    _LOCAL.counts = counts = []
+    try:
+        yield counts
+    finally:
+        _LOCAL.counts = previous
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Within this context (this thread only), launchers on the Triton path record their launches in the
+    yielded list instead of running them, and accept CPU tensors without Triton's interpreter. Used to
+    enumerate and compile ahead of time every kernel specialization the launchers produce (``kernels/aot.py``)."""
+    if not HAS_TRITON:
+        raise RuntimeError("recording kernel launches needs triton installed.")
+    previous = getattr(_LOCAL, "record", None)
+    _LOCAL.record = record = []
+    try:
+        yield record
+    finally:
+        _LOCAL.record = previous
+
+
+def recording() -> bool:
+    return getattr(_LOCAL, "record", None) is not None
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Return ``"torch"`` or ``"triton"`` for tensors on ``device``; raise a clear error if impossible."""
     if backend is None:
@@ -42,7 +91,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' but triton is not installed: `pip install triton`, or use backend='torch'.")
-        if device.type == "cpu" and not interpreting():
+        if device.type == "cpu" and not interpreting() and not recording():
             raise RuntimeError(
                 "backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
                 "triton is imported, or use backend='torch' (the twin) on CPU."

@@ -41,32 +41,33 @@ import threading
 
 import torch
 
-from .backend import HAS_TRITON, resolve_backend
+from .backend import HAS_TRITON, launch, resolve_backend
 from .lincomb import MAX_INPUTS
+from .offsets import TILE, tile_shape
 from .philox import STREAM_STEP, _check_keys, keyed_normal_like_torch
 from .reduce import rowsum_fixed_chunks
 
-_TILE = 1024  # elements of one [ROWS, BLOCK] tile (as lincomb's BLOCK: ~8 per thread per live tensor at 4 warps)
-_MAX_BLOCK = 1024
+_FINISH_BLOCK = 128  # partial sums per iteration of the second-stage reduction
 _CHUNK_BLOCKS = 8  # default chunk: 8 blocks (8192 elements) per program before the two-stage reduction
 _TWIN_CHUNK = 8192  # the twin's fixed per-row summation chunk
+EMBEDDED_DTYPES = ((torch.float32,) * 3, (torch.float64,) * 3)  # (inputs, tables, out) of the Triton path
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .philox import keyed_normal
+    from .philox import keyed_normal_tile
 
     @triton.jit
     def _terms(acc, err, crow, erow, i: tl.constexpr, t_ptr, offs, mask):
         v = tl.load(t_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
         return acc + tl.load(crow + i) * v, err + tl.load(erow + i) * v
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["coef_stride", "ecoef_stride", "stream", "sample_offset"])
     def _embedded_kernel(out_ptr, norm_ptr, part_ptr, t0, t1, t2, t3, t4, t5, t6, t7, xref_ptr,
                          coef_ptr, coef_stride, ecoef_ptr, ecoef_stride, step_ptr, seed_ptr,
-                         rtol, atol, sample_offset, batch, per_sample, n_chunks, chunk,
-                         STREAM: tl.constexpr, K: tl.constexpr, HAS_NOISE: tl.constexpr, ROWS: tl.constexpr,
+                         rtol, atol, stream, sample_offset, batch, per_sample, n_chunks, chunk,
+                         K: tl.constexpr, HAS_NOISE: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)  # int64 offsets throughout: no overflow past 2^31 elements
         rblock = pid // n_chunks
@@ -82,7 +83,6 @@ if HAS_TRITON:
         lo = ck * chunk
         hi = tl.minimum(lo + chunk, per_sample)
         ssq = tl.zeros([ROWS, BLOCK], dtype=c0.dtype)
-        zero_cols = tl.zeros([1, BLOCK], dtype=tl.int64)
         if HAS_NOISE:
             seed = tl.load(seed_ptr)
             noise_c = tl.load(crow + K)
@@ -107,10 +107,8 @@ if HAS_TRITON:
                 acc, err = _terms(acc, err, crow, erow, 6, t6, offs, mask)
             if K > 7:
                 acc, err = _terms(acc, err, crow, erow, 7, t7, offs, mask)
-            if HAS_NOISE:
-                sample = rows[:, None] + zero_cols + sample_offset
-                elem = cols[None, :] + rows[:, None] * 0
-                z = keyed_normal(seed, sample, step, elem, STREAM)
+            if HAS_NOISE:  # start is a multiple of BLOCK >= 4: the tile holds whole groups of the noise format
+                z = keyed_normal_tile(seed, rows[:, None] + sample_offset, step, start, BLOCK, stream)
                 acc = acc + noise_c * z.to(c0.dtype)
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             xr = tl.load(xref_ptr + offs, mask=mask, other=0.0).to(c0.dtype)
@@ -281,17 +279,14 @@ def embedded_step_torch(out, err_norm, inputs, coef, err_coef, step, *, x_ref, r
 
 def _launch_params(per: int, block: int | None, chunk: int | None):
     """(BLOCK, ROWS, chunk, n_chunks): functions of the per-sample size only (batch invariance)."""
-    if block is None:
-        block = min(max(triton.next_power_of_2(max(per, 1)), 4), _MAX_BLOCK)
-    elif block < 1 or block & (block - 1):
-        raise ValueError(f"block={block} must be a power of two.")
+    _, block = tile_shape(per, block)  # a power of two >= 4: whole groups of four noise elements per tile
     if chunk is None:
         chunk = _CHUNK_BLOCKS * block
     elif chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1.")
     chunk = triton.cdiv(chunk, block) * block  # whole blocks per chunk
     n_chunks = triton.cdiv(per, chunk)
-    rows = max(1, _TILE // block) if n_chunks == 1 else 1
+    rows = max(1, TILE // block) if n_chunks == 1 else 1
     return block, rows, chunk, n_chunks
 
 
@@ -323,6 +318,11 @@ def embedded_step(out, err_norm, inputs, coef, err_coef, step, *, x_ref, rtol: f
         return out, err_norm.zero_()
     inputs = [t if t.is_contiguous() else t.contiguous() for t in inputs]
     x_ref = x_ref if x_ref.is_contiguous() else x_ref.contiguous()
+    kinds = {t.dtype for t in inputs} | {x_ref.dtype, out.dtype, coef.dtype}
+    if len(kinds) != 1 or (coef.dtype,) * 3 not in EMBEDDED_DTYPES:
+        raise TypeError(f"embedded_step on the Triton backend needs inputs, x_ref, out and the tables in one dtype, "
+                        f"float32 or float64 (the adaptive solvers' state); got {sorted(str(d) for d in kinds)}. Cast "
+                        f"them, or use backend='torch'.")
     b = out.shape[0]
     per = out.numel() // b
     blk, rows, chk, n_chunks = _launch_params(per, block, chunk)
@@ -332,13 +332,12 @@ def embedded_step(out, err_norm, inputs, coef, err_coef, step, *, x_ref, rtol: f
     part = err_norm if single else torch.empty(b * n_chunks, dtype=err_norm.dtype, device=out.device)
     has_noise = seed is not None
     grid = (triton.cdiv(b, rows) * n_chunks,)
-    _embedded_kernel[grid](
-        out, err_norm, part, *ptrs, x_ref, coef, coef.stride(0), err_coef, err_coef.stride(0), step,
-        seed if has_noise else step, _f32(rtol), _f32(atol), sample_offset, b, per, n_chunks, chk,
-        STREAM=stream, K=k, HAS_NOISE=has_noise, ROWS=rows, BLOCK=blk, SINGLE=single,
-    )
+    launch(_embedded_kernel, grid, out, err_norm, part, *ptrs, x_ref, coef, coef.stride(0), err_coef,
+           err_coef.stride(0), step, seed if has_noise else step, _f32(rtol), _f32(atol), stream, sample_offset, b, per,
+           n_chunks, chk, K=k, HAS_NOISE=has_noise, ROWS=rows, BLOCK=blk, SINGLE=single,
+           enable_fp_fusion=not has_noise)
     if not single:
-        _finish_kernel[(b,)](err_norm, part, n_chunks, per, NB=min(triton.next_power_of_2(n_chunks), 1024))
+        launch(_finish_kernel, (b,), err_norm, part, n_chunks, per, NB=_FINISH_BLOCK)
     return out, err_norm
 
 

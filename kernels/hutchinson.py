@@ -20,8 +20,9 @@ Folding the conversion into the table keeps the VJP on the raw output (no extra 
 Probes (``probes_``): probe p of global sample b, element j is a pure function of
 (seed, b, p, j) in stream ``STREAM_PROBE`` (= 2), the probe index taking the place of the step,
 so a trajectory sees the same probe at every step and sample b the same probe in any batch or
-shard. Rademacher: ``1 - 2 * (r2 >> 31)``, the top bit of the third Philox output word (a word
-the normal transform does not use); Gaussian: the keyed normal of ``philox.py`` (|z| <= 5.77).
+shard. Both kinds use the noise format of ``philox.py`` (one Philox4x32-10 call per four elements):
+Rademacher lane l of group j // 4 is ``1 - 2 (r_l >> 31)``, the top bit of output word l; Gaussian is the
+keyed normal (|z| <= 5.77).
 
 Why the kernel can regenerate the probe, and why the likelihood loop does not by default: the VJP
 needs the probe as a tensor (``grad_outputs``), so it is materialised once per trajectory anyway
@@ -40,49 +41,59 @@ summation order with the batch size: it is bitwise batch-invariant too.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .backend import HAS_TRITON, resolve_backend
-from .philox import MASK32, STREAM_PROBE, keyed_normal_torch, philox4x32_10_torch
+from .backend import HAS_TRITON, launch, resolve_backend
+from .offsets import tile_grid, tile_shape
+from .philox import STREAM_PROBE, _host_int, keyed_normal_torch, keyed_words_torch, rows_numpy, rows_torch
 from .reduce import rowsum_fixed_chunks
 
 PROBES = ("rademacher", "gaussian")
 _KIND = {"rademacher": 0, "gaussian": 1}
+# (vjp, probes, accumulator) dtypes of the Triton path (probes None: regenerated in the kernel): the likelihood's
+# state in fp32, or fp64 for verification; the twin takes any float dtypes
+HUTCHINSON_DTYPES = tuple((d, p, d) for d in (torch.float32, torch.float64) for p in (None, d))
+PROBE_DTYPES = (torch.float32, torch.float64)  # probes_ output dtypes of the Triton path
+BLOCKS = (128, 2048)  # elements per loop iteration of a row: the first for rows up to 128 elements
 _TWIN_CHUNK = 8192
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .offsets import block_offsets
-    from .philox import keyed_normal, philox4x32_10
+    from .offsets import tile_offsets
+    from .philox import interleave4, keyed_normal_tile, keyed_words
+
+    _STREAM_PROBE = tl.constexpr(STREAM_PROBE)
 
     @triton.jit
-    def keyed_probe(seed, sample, probe, elem, KIND: tl.constexpr):
-        """fp32 probe for int64 (seed, global sample, probe index, element): KIND 0 Rademacher, 1 Gaussian."""
+    def _sign(w):
+        return 1.0 - 2.0 * (w >> 31).to(tl.float32)
+
+    @triton.jit
+    def keyed_probe_tile(seed, sample, probe, col0, NCOL: tl.constexpr, KIND: tl.constexpr):
+        """Probes of elements col0 .. col0 + NCOL - 1 (col0 a multiple of 4) for int64 (seed, sample, probe):
+        [R, NCOL] for a sample column [R, 1], [NCOL] for a scalar sample. KIND 0 Rademacher, 1 Gaussian."""
         if KIND == 0:
-            k0 = (seed & MASK32).to(tl.uint32)
-            k1 = ((seed >> 32) & MASK32).to(tl.uint32)
-            c0 = (elem & MASK32).to(tl.uint32)
-            c1 = (sample & MASK32).to(tl.uint32)
-            c2 = (c0 * 0) + (probe & MASK32).to(tl.uint32)
-            c3 = (c0 * 0) + STREAM_PROBE
-            _, _, r2, _ = philox4x32_10(c0, c1, c2, c3, k0, k1)
-            return 1.0 - 2.0 * (r2 >> 31).to(tl.float32)
+            group = col0 // 4 + tl.arange(0, NCOL // 4).to(tl.int64)
+            if len(sample.shape) == 2:
+                group = group[None, :]
+            r0, r1, r2, r3 = keyed_words(seed, sample, probe, group, _STREAM_PROBE)
+            return interleave4(_sign(r0), _sign(r1), _sign(r2), _sign(r3))
         else:
-            return keyed_normal(seed, sample, probe, elem, STREAM_PROBE)
+            return keyed_normal_tile(seed, sample, probe, col0, NCOL, _STREAM_PROBE)
 
-    @triton.jit
-    def _probe_kernel(out_ptr, seed_ptr, sample_offset, probe_offset, batch, per_sample, numel,
-                      KIND: tl.constexpr, BLOCK: tl.constexpr):
-        offs = block_offsets(tl.program_id(0), BLOCK)  # int64 (offsets.py)
-        mask = offs < numel
-        seed = tl.load(seed_ptr)
-        row = offs // per_sample
-        z = keyed_probe(seed, row % batch + sample_offset, row // batch + probe_offset, offs % per_sample, KIND)
+    @triton.jit(do_not_specialize=["sample_offset", "probe_offset"])
+    def _probe_kernel(out_ptr, seed_ptr, sample_offset, probe_offset, batch, n_rows, per_sample, n_col_blocks,
+                      KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows, col0, offs, mask = tile_offsets(tl.program_id(0), n_col_blocks, n_rows, per_sample, ROWS, BLOCK)
+        probe = rows // batch  # one division per row, not per element
+        sample = rows - probe * batch
+        z = keyed_probe_tile(tl.load(seed_ptr), sample + sample_offset, probe + probe_offset, col0, BLOCK, KIND)
         tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["coef_stride", "sample_offset", "probe_offset"])
     def _hutchinson_kernel(acc_ptr, z_ptr, g_ptr, coef_ptr, coef_stride, step_ptr, seed_ptr,
                            sample_offset, probe_offset, batch, per_sample,
                            KIND: tl.constexpr, REGEN: tl.constexpr, BLOCK: tl.constexpr):
@@ -96,13 +107,14 @@ if HAS_TRITON:
         s_zz = tl.zeros([BLOCK], dtype=w_zg.dtype)
         if REGEN:
             seed = tl.load(seed_ptr)
-            sample = r % batch + sample_offset
-            probe = r // batch + probe_offset
+            probe = r // batch
+            sample = r - probe * batch + sample_offset
+            probe = probe + probe_offset
         for start in range(0, per_sample, BLOCK):
             j = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = j < per_sample
             if REGEN:
-                z = tl.where(mask, keyed_probe(seed, sample, probe, j, KIND), 0.0).to(w_zg.dtype)
+                z = tl.where(mask, keyed_probe_tile(seed, sample, probe, start, BLOCK, KIND), 0.0).to(w_zg.dtype)
             else:
                 z = tl.load(z_ptr + base + j, mask=mask, other=0.0).to(w_zg.dtype)
             g = tl.load(g_ptr + base + j, mask=mask, other=0.0).to(w_zg.dtype)
@@ -116,29 +128,28 @@ if HAS_TRITON:
 # Torch twins
 # ----------------------------------------------------------------------------------------------
 def keyed_probe_torch(seed, sample, probe, elem, kind: str) -> torch.Tensor:
-    """Twin of ``keyed_probe``: int64 tensors broadcast together; returns fp32 probes."""
+    """The probe format element by element (int64 tensors broadcast together; the reference form)."""
     if kind == "gaussian":
         return keyed_normal_torch(seed, sample, probe, elem, STREAM_PROBE)
-    k0 = seed & MASK32
-    k1 = (seed >> 32) & MASK32
-    c0 = elem & MASK32
-    c1 = sample & MASK32
-    c2 = probe & MASK32
-    c0, c1, c2 = torch.broadcast_tensors(c0, c1, c2)
-    c3 = torch.full_like(c0, STREAM_PROBE)
-    _, _, r2, _ = philox4x32_10_torch(c0, c1, c2, c3, k0, k1)
-    return 1.0 - 2.0 * (r2 >> 31).to(torch.float32)
+    w = torch.stack(torch.broadcast_tensors(*keyed_words_torch(seed, sample, probe, elem >> 2, STREAM_PROBE)), -1)
+    elem = torch.broadcast_to(elem, w.shape[:-1])
+    lane = torch.gather(w, -1, (elem & 3).unsqueeze(-1)).squeeze(-1)
+    return 1.0 - 2.0 * (lane >> 31).to(torch.float32)
 
 
 def _probes_torch(shape, seed, kind, sample_offset, probe_offset, device) -> torch.Tensor:
+    """fp32 probes of shape [k, B, *event]: rows (probe p, sample b) in the format of ``keyed_probe_tile``."""
     k, b = shape[0], shape[1]
     per = 1
     for s in shape[2:]:
         per *= s
-    ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)  # noqa: E731
-    z = keyed_probe_torch(seed.view(1, 1, 1), (ar(b) + sample_offset).view(1, b, 1), (ar(k) + probe_offset).view(k, 1, 1),
-                          ar(per).view(1, 1, per), kind)
-    return z.view(shape)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        out = torch.empty(k * b, per, dtype=torch.float32)
+        r = np.arange(k * b, dtype=np.int64)
+        rows_numpy(out.numpy(), _host_int(seed), r % b + sample_offset, r // b + probe_offset, STREAM_PROBE, kind)
+        return out.view(shape)
+    r = torch.arange(k * b, device=device, dtype=torch.int64)
+    return rows_torch(seed, r % b + sample_offset, r // b + probe_offset, per, STREAM_PROBE, kind).reshape(shape)
 
 
 def _check_kind(kind):
@@ -158,7 +169,7 @@ def _check_probe_keys(k, b, per, seed, sample_offset, probe_offset):
 
 
 def probes_(out: torch.Tensor, seed: torch.Tensor, *, kind: str = "rademacher", sample_offset: int = 0,
-            probe_offset: int = 0, backend: str | None = None, block: int = 1024) -> torch.Tensor:
+            probe_offset: int = 0, backend: str | None = None, block: int | None = None) -> torch.Tensor:
     """Fill ``out`` (``[k, B, *event]``, contiguous, float) with keyed Hutchinson probes and return it.
 
     ``out[p, b]`` is probe ``p + probe_offset`` of global sample ``b + sample_offset``; ``seed`` is a
@@ -181,8 +192,13 @@ def probes_(out: torch.Tensor, seed: torch.Tensor, *, kind: str = "rademacher", 
         return out
     if not out.is_contiguous():
         raise ValueError("probes_(out=...): out must be contiguous for the Triton backend; pass a contiguous buffer.")
-    grid = (triton.cdiv(out.numel(), block),)
-    _probe_kernel[grid](out, seed, sample_offset, probe_offset, b, per, out.numel(), KIND=_KIND[kind], BLOCK=block)
+    if out.dtype not in PROBE_DTYPES:
+        raise TypeError(f"probes_ on the Triton backend writes float32 or float64 (the likelihood's state); got "
+                        f"{out.dtype}. Use a float32 buffer and cast, or backend='torch'.")
+    rows, blk = tile_shape(per, block)
+    grid, n_col_blocks = tile_grid(k * b, per, rows, blk)
+    launch(_probe_kernel, grid, out, seed, sample_offset, probe_offset, b, k * b, per, n_col_blocks, KIND=_KIND[kind],
+           ROWS=rows, BLOCK=blk, enable_fp_fusion=kind != "gaussian")
     return out
 
 
@@ -250,7 +266,8 @@ def hutchinson_accumulate(acc, vjp, coef, step, probes=None, seed=None, *, kind=
         step: one-element int64 device tensor: the row to read (no host sync).
         probes: ``[k, B, *event]`` probe tensor (the one used for the VJP), or None to regenerate it in
             the kernel from ``seed``, ``kind``, ``sample_offset``, ``probe_offset`` (see ``probes_``).
-        backend: "auto" | "torch" | "triton"; block: elements per loop iteration (default: fit the row).
+        backend: "auto" | "torch" | "triton"; block: elements per loop iteration (default: ``BLOCKS[0]`` for rows up
+            to that many elements, else ``BLOCKS[1]``). The Triton path reads the dtypes of ``HUTCHINSON_DTYPES``.
     """
     _validate(acc, vjp, coef, step, probes)
     if probes is None:
@@ -268,16 +285,26 @@ def hutchinson_accumulate(acc, vjp, coef, step, probes=None, seed=None, *, kind=
     if probes is not None and not probes.is_contiguous():
         probes = probes.contiguous()
     if block is None:
-        block = min(max(triton.next_power_of_2(max(per, 1)), 16), 2048)
+        block = BLOCKS[0] if per <= BLOCKS[0] else BLOCKS[1]
+    elif block < 4 or block & (block - 1):
+        raise ValueError(f"block={block} must be a power of two >= 4.")
     regen = probes is None
-    _hutchinson_kernel[(rows,)](
-        acc, vjp if regen else probes, vjp, coef, coef.stride(0), step, seed if regen else step,
-        sample_offset, probe_offset, acc.shape[1], per,
-        KIND=_KIND[kind], REGEN=regen, BLOCK=block,
-    )
+    triple = (vjp.dtype, None if regen else probes.dtype, acc.dtype)
+    if triple not in HUTCHINSON_DTYPES:
+        raise TypeError(f"hutchinson_accumulate on the Triton backend reads (vjp, probes, acc) dtypes "
+                        f"{_names(HUTCHINSON_DTYPES)} (probes None: regenerated); got {_names([triple])}. Cast them, "
+                        f"or use backend='torch'.")
+    launch(_hutchinson_kernel, (rows,), acc, vjp if regen else probes, vjp, coef, coef.stride(0), step,
+           seed if regen else step, sample_offset, probe_offset, acc.shape[1], per,
+           KIND=_KIND[kind] if regen else 0, REGEN=regen, BLOCK=block, enable_fp_fusion=not (regen and kind == "gaussian"))
     return acc
 
 
-__all__ = ["PROBES", "probes_", "hutchinson_accumulate", "hutchinson_accumulate_torch", "keyed_probe_torch"]
+def _names(triples) -> str:
+    return ", ".join("(" + ", ".join(str(d).replace("torch.", "") for d in t) + ")" for t in triples)
+
+
+__all__ = ["PROBES", "HUTCHINSON_DTYPES", "probes_", "hutchinson_accumulate", "hutchinson_accumulate_torch",
+           "keyed_probe_torch"]
 if HAS_TRITON:
-    __all__ += ["keyed_probe"]
+    __all__ += ["keyed_probe_tile"]

@@ -18,56 +18,89 @@ from __future__ import annotations
 
 import torch
 
-from .backend import HAS_TRITON, resolve_backend
+from .backend import HAS_TRITON, launch, resolve_backend
+from .offsets import tile_grid, tile_shape
 from .philox import STREAM_STEP, _check_keys, keyed_normal_like_torch
 
 MAX_INPUTS = 8
+
+# dtype triples (inputs, accumulation = the table's dtype, output) of the Triton path. The solvers' loops use the
+# first two (state and model outputs in fp32, or everything in fp64 for verification); the others serve users
+# with half-precision tensors. Inputs of mixed dtypes are upcast to the widest one first (exact). The twin
+# takes any combination.
+TRITON_DTYPES = (
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float64, torch.float64, torch.float64),
+    (torch.float16, torch.float32, torch.float16),
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.float16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.float32, torch.float32, torch.float16),
+    (torch.float32, torch.float32, torch.bfloat16),
+)
+TRITON_NOISE_DTYPES = TRITON_DTYPES[:2]  # in-kernel noise: the solvers' state dtypes
+BLOCK = 1024  # elements per program of the noise-free kernel
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .offsets import block_offsets, sample_element
-    from .philox import keyed_normal
+    from .offsets import block_offsets, tile_offsets
+    from .philox import keyed_normal_tile
 
     @triton.jit
-    def _term(acc, row_ptr, i: tl.constexpr, t_ptr, offs, mask):
-        c = tl.load(row_ptr + i)
-        return acc + c * tl.load(t_ptr + offs, mask=mask, other=0.0).to(c.dtype)
+    def _combine(row_ptr, t0, t1, t2, t3, t4, t5, t6, t7, offs, mask, K: tl.constexpr):
+        """sum_i row[i] T_i over the K inputs, in the table's dtype."""
+        c = tl.load(row_ptr)
+        acc = c * tl.load(t0 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 1:
+            acc += tl.load(row_ptr + 1) * tl.load(t1 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 2:
+            acc += tl.load(row_ptr + 2) * tl.load(t2 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 3:
+            acc += tl.load(row_ptr + 3) * tl.load(t3 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 4:
+            acc += tl.load(row_ptr + 4) * tl.load(t4 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 5:
+            acc += tl.load(row_ptr + 5) * tl.load(t5 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 6:
+            acc += tl.load(row_ptr + 6) * tl.load(t6 + offs, mask=mask, other=0.0).to(c.dtype)
+        if K > 7:
+            acc += tl.load(row_ptr + 7) * tl.load(t7 + offs, mask=mask, other=0.0).to(c.dtype)
+        return acc
 
-    @triton.jit
-    def _lincomb_kernel(out_ptr, t0, t1, t2, t3, t4, t5, t6, t7, coef_ptr, coef_stride, step_ptr, seed_ptr,
-                        sample_offset, numel, per_sample,
-                        STREAM: tl.constexpr, K: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    # The second output (a runtime flag, not a specialization) is written first, from a first read of the inputs;
+    # the main sum then reads them again from the cache: no register pressure on the usual one-output path, no
+    # extra DRAM traffic, and ``out`` may alias an input that ``out2`` reads.
+    @triton.jit(do_not_specialize=["coef_stride", "coef2_stride", "has_out2"])
+    def _lincomb_kernel(out_ptr, out2_ptr, t0, t1, t2, t3, t4, t5, t6, t7, coef_ptr, coef_stride, coef2_ptr,
+                        coef2_stride, step_ptr, numel, has_out2, K: tl.constexpr, BLOCK: tl.constexpr):
         offs = block_offsets(tl.program_id(0), BLOCK)  # int64: no overflow past 2^31 elements
         mask = offs < numel
         step = tl.load(step_ptr)
+        if has_out2 != 0:
+            acc2 = _combine(coef2_ptr + step * coef2_stride, t0, t1, t2, t3, t4, t5, t6, t7, offs, mask, K)
+            tl.store(out2_ptr + offs, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
+        acc = _combine(coef_ptr + step * coef_stride, t0, t1, t2, t3, t4, t5, t6, t7, offs, mask, K)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["coef_stride", "coef2_stride", "has_out2", "stream", "sample_offset"])
+    def _lincomb_noise_kernel(out_ptr, out2_ptr, t0, t1, t2, t3, t4, t5, t6, t7, coef_ptr, coef_stride, coef2_ptr,
+                              coef2_stride, step_ptr, seed_ptr, stream, sample_offset, batch, per_sample,
+                              n_col_blocks, has_out2, K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows, col0, offs, mask = tile_offsets(tl.program_id(0), n_col_blocks, batch, per_sample, ROWS, BLOCK)
+        step = tl.load(step_ptr)
+        if has_out2 != 0:
+            acc2 = _combine(coef2_ptr + step * coef2_stride, t0, t1, t2, t3, t4, t5, t6, t7, offs, mask, K)
+            tl.store(out2_ptr + offs, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
         row = coef_ptr + step * coef_stride
-        c0 = tl.load(row)
-        acc = c0 * tl.load(t0 + offs, mask=mask, other=0.0).to(c0.dtype)
-        if K > 1:
-            acc = _term(acc, row, 1, t1, offs, mask)
-        if K > 2:
-            acc = _term(acc, row, 2, t2, offs, mask)
-        if K > 3:
-            acc = _term(acc, row, 3, t3, offs, mask)
-        if K > 4:
-            acc = _term(acc, row, 4, t4, offs, mask)
-        if K > 5:
-            acc = _term(acc, row, 5, t5, offs, mask)
-        if K > 6:
-            acc = _term(acc, row, 6, t6, offs, mask)
-        if K > 7:
-            acc = _term(acc, row, 7, t7, offs, mask)
-        if HAS_NOISE:
-            seed = tl.load(seed_ptr)
-            sample, elem = sample_element(offs, per_sample, sample_offset)
-            z = keyed_normal(seed, sample, step, elem, STREAM)
-            acc = acc + tl.load(row + K) * z.to(c0.dtype)
+        acc = _combine(row, t0, t1, t2, t3, t4, t5, t6, t7, offs, mask, K)
+        z = keyed_normal_tile(tl.load(seed_ptr), rows + sample_offset, step, col0, BLOCK, stream)
+        acc = acc + tl.load(row + K) * z.to(acc.dtype)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _validate(out, inputs, coef, step):
+def _validate(out, inputs, coef, step, out2=None, coef2=None):
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise ValueError(f"lincomb takes 1..{MAX_INPUTS} input tensors; got {len(inputs)}.")
     for i, t in enumerate(inputs):
@@ -88,30 +121,56 @@ def _validate(out, inputs, coef, step):
         raise ValueError("coef and step must live on out's device (the loop must not copy them per step).")
     if step.dtype != torch.int64 or step.numel() != 1:
         raise TypeError(f"step must be a one-element int64 tensor; got dtype {step.dtype}, shape {tuple(step.shape)}.")
+    if (out2 is None) != (coef2 is None):
+        raise ValueError("out2 and coef2 go together: pass both (a second output and its [n_rows, K] table) or neither.")
+    if out2 is not None:
+        if out2.shape != out.shape or out2.device != out.device or out2.dtype != out.dtype:
+            raise ValueError(f"out2 must match out's shape, device and dtype ({tuple(out.shape)}, {out.device}, "
+                             f"{out.dtype}); got {tuple(out2.shape)}, {out2.device}, {out2.dtype}.")
+        if coef2.dim() != 2 or coef2.shape[1] != len(inputs) or coef2.shape[0] != coef.shape[0]:
+            raise ValueError(f"coef2 must be [n_rows, K] = [{coef.shape[0]}, {len(inputs)}] (no noise column: the "
+                             f"second output is noise-free); got {tuple(coef2.shape)}.")
+        if coef2.dtype != coef.dtype or coef2.device != out.device:
+            raise ValueError(f"coef2 must share coef's dtype ({coef.dtype}) and out's device; got {coef2.dtype} on "
+                             f"{coef2.device}.")
+        if _overlaps(out2, out) or any(_overlaps(out2, t) for t in inputs):
+            raise ValueError("out2 shares memory with out or an input; it must be a separate buffer (a history slot).")
 
 
-def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREAM_STEP, host_row=None):
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _row_of(coef, step, host_row):
+    if host_row is not None and not torch.compiler.is_compiling():
+        return host_row
+    if coef.stride(0) == 0:  # a broadcast one-row table (the named launchers): every step reads row 0
+        return coef[0]
+    return coef.index_select(0, step.reshape(1)).reshape(-1)  # device-side row: no host sync
+
+
+def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREAM_STEP, host_row=None,
+                  out2=None, coef2=None, host_row2=None):
     """Torch twin of ``lincomb``: same signature and result (to rounding), strided inputs welcome.
 
     Writes in place into ``out`` without allocating when ``out.dtype == coef.dtype`` and there is
     no noise (noise costs one fp32 temporary on this backend). ``out`` may alias inputs: the same
-    tensor is updated in place; any other overlap goes through a temporary.
+    tensor is updated in place; any other overlap goes through a temporary. ``out2`` (the second output,
+    ``sum_i coef2[step, i] inputs[i]``) is written first, so ``out`` may alias an input it reads.
 
-    ``host_row``: the coefficient row ``coef[step]`` as Python floats, for CPU tensors, where host and
-    device memory are the same and reading the row costs nothing. The sum is then ``mul`` plus one
-    ``add_(alpha=c)`` per input: the row's ``index_select``, its ``select`` per term and the 0-d
-    multiplies go away, which is most of a step's cost for small batches (``bench/loop.py``). Values
+    ``host_row``/``host_row2``: the coefficient rows ``coef[step]``/``coef2[step]`` as Python floats, for CPU
+    tensors, where host and device memory are the same and reading the row costs nothing. The sum is then
+    ``mul`` plus one ``add_(alpha=c)`` per input: the row's ``index_select``, its ``select`` per term and the
+    0-d multiplies go away, which is most of a step's cost for small batches (``bench/loop.py``). Values
     are those of ``coef`` (``coef.tolist()``), so the result is the same up to the order of rounding
     inside one fused multiply-add. ``step`` still keys the noise.
     """
+    if out2 is not None:
+        lincomb_torch(out2, inputs, torch.cat([coef2, coef2[:, :1] * 0], 1) if host_row2 is None else coef2, step,
+                      host_row=None if host_row2 is None else list(host_row2) + [0.0])
     if out.numel() == 0:  # empty tensors share data_ptr 0: the aliasing test below would see overlap
         return out
-    if host_row is not None and not torch.compiler.is_compiling():
-        row = host_row
-    elif coef.stride(0) == 0:  # a broadcast one-row table (the named launchers): every step reads row 0
-        row = coef[0]
-    else:
-        row = coef.index_select(0, step.reshape(1)).reshape(-1)  # device-side row: no host sync
+    row = _row_of(coef, step, host_row)
     k = len(inputs)
     if torch.compiler.is_compiling():
         # under torch.compile: written out of place and copied, which is correct whatever aliases out (storage
@@ -154,8 +213,42 @@ def lincomb_torch(out, inputs, coef, step, seed=None, *, sample_offset=0, stream
     return out
 
 
-def lincomb(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREAM_STEP, backend=None, block=1024):
-    """``out[...] = sum_i coef[step, i] * inputs[i] + coef[step, K] * z`` (z keyed noise if ``seed`` given).
+_RANK = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def _triton_inputs(out, inputs, coef, noise: bool):
+    """The inputs as the Triton path reads them: contiguous, not overlapping out unless they are out itself
+    (blocks run in any order), mixed dtypes upcast to the widest (exact); and the dtype triple checked."""
+    storage = out.untyped_storage().data_ptr()
+
+    def _safe(t):
+        if t.untyped_storage().data_ptr() == storage and not (t.data_ptr() == out.data_ptr() and t.stride() == out.stride()):
+            return t.clone(memory_format=torch.contiguous_format)
+        return t if t.is_contiguous() else t.contiguous()
+
+    inputs = [_safe(t) for t in inputs]
+    dtypes = {t.dtype for t in inputs}
+    if len(dtypes) > 1:
+        wide = max(dtypes, key=lambda d: (_RANK[d], d == torch.float16))
+        if len(dtypes) == 2 and dtypes == {torch.float16, torch.bfloat16}:
+            wide = torch.float32
+        inputs = [t if t.dtype == wide else t.to(wide) for t in inputs]
+    triple = (inputs[0].dtype, coef.dtype, out.dtype)
+    allowed = TRITON_NOISE_DTYPES if noise else TRITON_DTYPES
+    if triple not in allowed:
+        names = ", ".join("(" + ", ".join(str(d).replace("torch.", "") for d in tr) + ")" for tr in allowed)
+        raise TypeError(
+            f"lincomb{' with noise' if noise else ''} on the Triton backend supports the dtype triples (inputs, "
+            f"table, out) {names}; got ({', '.join(str(d).replace('torch.', '') for d in triple)}). Cast the tensors "
+            f"or the table, or use backend='torch'."
+        )
+    return inputs
+
+
+def lincomb(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREAM_STEP, backend=None,
+            out2=None, coef2=None, block=None):
+    """``out[...] = sum_i coef[step, i] * inputs[i] + coef[step, K] * z`` (z keyed noise if ``seed`` given),
+    and optionally, in the same pass, ``out2[...] = sum_i coef2[step, i] * inputs[i]``.
 
     Args:
         out: contiguous output tensor ``[B, ...]`` (any float dtype; cast on store). May alias an input.
@@ -167,33 +260,38 @@ def lincomb(out, inputs, coef, step, seed=None, *, sample_offset=0, stream=STREA
         sample_offset: global index of ``out[0]`` (for sharded batches).
         stream: noise stream id (see ``philox.py``).
         backend: "auto" | "torch" | "triton" (see ``backend.py``).
+        out2, coef2: a second, noise-free output (shaped and typed like ``out``, overlapping nothing) and its
+            ``[n_rows, K]`` table: a multistep solver writes its history entry and its update in one launch.
+        block: Triton only: the tile's columns for the noise kernel (a power of two >= 4; default: fit the row).
+
+    The Triton path reads the dtype triples of ``TRITON_DTYPES``; the twin takes any float dtypes.
     """
     inputs = list(inputs)
-    _validate(out, inputs, coef, step)
+    _validate(out, inputs, coef, step, out2, coef2)
     if seed is not None:
         _check_keys(out, seed, step, sample_offset)
     if resolve_backend(backend, out.device) == "torch":
-        return lincomb_torch(out, inputs, coef, step, seed, sample_offset=sample_offset, stream=stream)
-    if not out.is_contiguous():
-        raise ValueError("lincomb(out=...): out must be contiguous for the Triton backend; pass a contiguous buffer.")
+        return lincomb_torch(out, inputs, coef, step, seed, sample_offset=sample_offset, stream=stream,
+                             out2=out2, coef2=coef2)
+    if not out.is_contiguous() or (out2 is not None and not out2.is_contiguous()):
+        raise ValueError("lincomb(out=..., out2=...): outputs must be contiguous for the Triton backend; pass "
+                         "contiguous buffers.")
     numel = out.numel()
     if numel == 0:
         return out
-    storage = out.untyped_storage().data_ptr()
-
-    def _safe(t):  # contiguous, and either out itself or not overlapping it (blocks run in any order)
-        if t.untyped_storage().data_ptr() == storage and not (t.data_ptr() == out.data_ptr() and t.stride() == out.stride()):
-            return t.clone(memory_format=torch.contiguous_format)
-        return t if t.is_contiguous() else t.contiguous()
-
-    inputs = [_safe(t) for t in inputs]
+    inputs = _triton_inputs(out, inputs, coef, seed is not None)
     k = len(inputs)
     ptrs = inputs + [inputs[0]] * (MAX_INPUTS - k)
-    per = numel // out.shape[0] if out.dim() > 0 else numel
-    has_noise = seed is not None
-    grid = (triton.cdiv(numel, block),)
-    _lincomb_kernel[grid](
-        out, *ptrs, coef, coef.stride(0), step, seed if has_noise else step,
-        sample_offset, numel, per, STREAM=stream, K=k, HAS_NOISE=has_noise, BLOCK=block,
-    )
+    has_out2 = out2 is not None
+    o2, c2 = (out2, coef2) if has_out2 else (out, coef)
+    if seed is None:
+        launch(_lincomb_kernel, (triton.cdiv(numel, BLOCK),), out, o2, *ptrs, coef, coef.stride(0), c2,
+               c2.stride(0), step, numel, int(has_out2), K=k, BLOCK=BLOCK)
+        return out
+    b = out.shape[0]
+    per = numel // b
+    rows, blk = tile_shape(per, block)
+    grid, n_col_blocks = tile_grid(b, per, rows, blk)
+    launch(_lincomb_noise_kernel, grid, out, o2, *ptrs, coef, coef.stride(0), c2, c2.stride(0), step, seed, stream,
+           sample_offset, b, per, n_col_blocks, int(has_out2), K=k, ROWS=rows, BLOCK=blk, enable_fp_fusion=False)
     return out
