@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     sub.add_parser("loop", help="whole sampling loop vs k-diffusion and diffusers (see bench/loop.py)", add_help=False)
     sub.add_parser("compile", help="torch.compile of Sampler.sample: compile time, speedup, agreement "
                    "(see bench/compile_bench.py)", add_help=False)
+    sub.add_parser("kernels", help="compile every kernel specialization for sm_80/90/100 without a GPU; registers and "
+                   "spills from ptxas (see bench/kernels.py)", add_help=False)
+    sub.add_parser("gpu", help="everything a GPU can tell: kernels vs twins, solvers vs float64, bandwidth, loops "
+                   "vs peers, torch.compile (needs CUDA; see bench/gpu.py)", add_help=False)
     sub.add_parser("optimized-grids", help="optimized time grids vs default grids and peers on held-out problems "
                    "(see bench/optimized_grids.py)", add_help=False)
     if argv is None:
@@ -39,7 +43,8 @@ def main(argv=None) -> int:
         from .speed import main as speed_main
 
         return speed_main(argv[1:]) or 0
-    sub_modules = {"loop": "loop", "compile": "compile_bench", "optimized-grids": "optimized_grids"}
+    sub_modules = {"loop": "loop", "compile": "compile_bench", "optimized-grids": "optimized_grids",
+                   "kernels": "kernels", "gpu": "gpu"}
     if argv and argv[0] in sub_modules:
         import importlib
 

@@ -63,11 +63,14 @@ if HAS_TRITON:
         v = tl.load(t_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
         return acc + tl.load(crow + i) * v, err + tl.load(erow + i) * v
 
-    @triton.jit(do_not_specialize=["coef_stride", "ecoef_stride", "stream", "sample_offset"])
+    # noise is a runtime flag (has_noise), not a specialization: the adaptive solvers step without it, and the
+    # kernel compiles once per (K, dtype, tile) instead of twice; fused multiply-add is off in both cases, so
+    # that the in-kernel noise matches the twin's bits (docs/noise.md)
+    @triton.jit(do_not_specialize=["coef_stride", "ecoef_stride", "stream", "sample_offset", "has_noise"])
     def _embedded_kernel(out_ptr, norm_ptr, part_ptr, t0, t1, t2, t3, t4, t5, t6, t7, xref_ptr,
                          coef_ptr, coef_stride, ecoef_ptr, ecoef_stride, step_ptr, seed_ptr,
                          rtol, atol, stream, sample_offset, batch, per_sample, n_chunks, chunk,
-                         K: tl.constexpr, HAS_NOISE: tl.constexpr, ROWS: tl.constexpr,
+                         has_noise, K: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)  # int64 offsets throughout: no overflow past 2^31 elements
         rblock = pid // n_chunks
@@ -83,9 +86,8 @@ if HAS_TRITON:
         lo = ck * chunk
         hi = tl.minimum(lo + chunk, per_sample)
         ssq = tl.zeros([ROWS, BLOCK], dtype=c0.dtype)
-        if HAS_NOISE:
-            seed = tl.load(seed_ptr)
-            noise_c = tl.load(crow + K)
+        seed = tl.load(seed_ptr)  # step_ptr stands in when there is no noise: a valid address either way
+        noise_c = tl.load(crow + K)
         for start in range(lo, hi, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = rmask[:, None] & (cols[None, :] < hi)
@@ -107,7 +109,7 @@ if HAS_TRITON:
                 acc, err = _terms(acc, err, crow, erow, 6, t6, offs, mask)
             if K > 7:
                 acc, err = _terms(acc, err, crow, erow, 7, t7, offs, mask)
-            if HAS_NOISE:  # start is a multiple of BLOCK >= 4: the tile holds whole groups of the noise format
+            if has_noise != 0:  # start is a multiple of BLOCK >= 4: the tile holds whole groups of the noise format
                 z = keyed_normal_tile(seed, rows[:, None] + sample_offset, step, start, BLOCK, stream)
                 acc = acc + noise_c * z.to(c0.dtype)
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -334,8 +336,7 @@ def embedded_step(out, err_norm, inputs, coef, err_coef, step, *, x_ref, rtol: f
     grid = (triton.cdiv(b, rows) * n_chunks,)
     launch(_embedded_kernel, grid, out, err_norm, part, *ptrs, x_ref, coef, coef.stride(0), err_coef,
            err_coef.stride(0), step, seed if has_noise else step, _f32(rtol), _f32(atol), stream, sample_offset, b, per,
-           n_chunks, chk, K=k, HAS_NOISE=has_noise, ROWS=rows, BLOCK=blk, SINGLE=single,
-           enable_fp_fusion=not has_noise)
+           n_chunks, chk, int(has_noise), K=k, ROWS=rows, BLOCK=blk, SINGLE=single, enable_fp_fusion=False)
     if not single:
         launch(_finish_kernel, (b,), err_norm, part, n_chunks, per, NB=_FINISH_BLOCK)
     return out, err_norm
