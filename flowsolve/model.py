@@ -218,6 +218,19 @@ def host_default(user_device):
     return contextlib.nullcontext() if user_device is None else torch.device("cpu")
 
 
+def on_user_device(fn, user_device):
+    """``fn`` (a plain callable such as odeint's ``f``) called with ``user_device`` as torch's default device,
+    inside a run whose own code holds the CPU as default (``host_default``); ``fn`` itself when None."""
+    if user_device is None:
+        return fn
+
+    def call(*args, **kwargs):
+        with torch.device(user_device):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 class GuardedModel(Model):
     """A run's view of a ``fs.Model``: the same path, parameterization and conversions, each call wrapped.
 

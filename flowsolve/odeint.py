@@ -30,6 +30,7 @@ import torch
 
 from .checks import as_times
 from .kernels import lincomb, resolve_backend
+from .model import host_default, on_user_device, user_default_device
 from .solvers.adaptive_rk import FunctionField, integrate_embedded
 from .tableaus import TABLEAUS
 
@@ -137,8 +138,9 @@ def odeint(f, x0: torch.Tensor, t, solver: str = "rk4", *, rtol: float | None = 
     grid = _grid(t)
     dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
     be = resolve_backend(backend, x0.device)
-    field = FunctionField(f, grad_enabled=torch.is_grad_enabled())
-    with torch.no_grad():
+    user_device = user_default_device()  # None unless torch.set_default_device moved it off the CPU
+    field = FunctionField(on_user_device(f, user_device), grad_enabled=torch.is_grad_enabled())
+    with torch.no_grad(), host_default(user_device):  # host planning on the CPU; f runs on the user's default
         out = torch.empty((grid.numel(), *x0.shape), dtype=dtype, device=x0.device)
         out[0].copy_(x0.detach())
         tab = TABLEAUS[solver]
