@@ -182,14 +182,17 @@ class GraphedSampler:
             if tuple(noise.shape) != self.shape:
                 raise ValueError(f"noise has shape {tuple(noise.shape)} but the graph was captured for {self.shape}; "
                                  "build another GraphedSampler for this shape.")
-        seed = resolve_seed(seed)  # after the checks: a refused call draws nothing from a generator
-        self._seed.copy_(seed_tensor(seed, self.device))
+        # after the checks (a refused call draws nothing); as fs.sample, seed=None draws no key for a run without
+        # noise (a deterministic solver from a given state; info["seed"] is then None)
+        draws = noise is None or self.sampler.solver.info.stochastic
+        seed = None if (seed is None and not draws) else resolve_seed(seed)
+        self._seed.copy_(seed_tensor(0 if seed is None else seed, self.device))
         if noise is not None:
             self._x_in.copy_(noise)
         self._graph("noise" if noise is None else "input").replay()  # recording executes nothing that counts
         self.replays += 1
         if return_info:
-            return self._x.clone(), {"seed": seed_value(seed), "nfe": self.nfe}
+            return self._x.clone(), {"seed": None if seed is None else seed_value(seed), "nfe": self.nfe}
         return self._x.clone()
 
     @property

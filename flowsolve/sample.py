@@ -250,9 +250,11 @@ class Sampler:
         device = _checks.check_device(device)  # None: torch's default device, where torch.randn would sample
         sample_offset = _checks.check_sample_offset(sample_offset)
         be = resolve_backend(backend, device)
-        # None / a Generator: a 64-bit key drawn here, after the argument checks (a refused call draws nothing)
-        seed = resolve_seed(seed)
-        seed_t = seed_tensor(seed, device)
+        # None / a Generator: a 64-bit key drawn here, after the argument checks (a refused call draws nothing);
+        # seed=None and a run that draws no noise (a deterministic solver from a given x(t_max)): no key at all
+        draws = not isinstance(noise_or_shape, torch.Tensor) or self.solver.info.stochastic
+        seed = None if (seed is None and not draws) else resolve_seed(seed)
+        seed_t = seed_tensor(0 if seed is None else seed, device)
         if cuda_graph:
             return self._sample_graphed(noise_or_shape, seed, seed_t, dtype, device, be, sample_offset,
                                         return_trajectory, return_info, progress, callback, check_finite,
@@ -284,7 +286,7 @@ class Sampler:
                                             callback, check_finite, denoise)
         info = result.pop()
         if return_info:
-            info["seed"] = seed_value(seed)  # a tensor seed is read here, after the loop
+            info["seed"] = None if seed is None else seed_value(seed)  # a tensor seed is read here, after the loop
             result.append(info)
         return result[0] if len(result) == 1 else tuple(result)
 
@@ -344,7 +346,8 @@ class Sampler:
         x = graphs[key].sample(noise, seed=seed_t)
         if return_info:
             return x, {"nfe": self.plan.nfe, "planned_nfe": self.plan.nfe, "grid": self.plan.grid,
-                       "solver": self.solver.info.name, "cuda_graph": True, "seed": seed_value(seed)}
+                       "solver": self.solver.info.name, "cuda_graph": True,
+                       "seed": None if seed is None else seed_value(seed)}
         return x
 
     def _sample_adaptive(self, model, x, seed_t, backend, sample_offset, return_trajectory, progress, callback,
@@ -496,7 +499,8 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
         sample_offset: global index of the first sample of this batch (for sharding).
         return_trajectory: also return the list of states at every grid point.
         return_info: also return a dict with ``nfe`` (counted model calls), ``grid``, ``solver`` and ``seed``
-            (the int key of the noise).
+            (the int key of the noise; None when ``seed=None`` and the run draws no noise: a deterministic
+            solver from a given x(t_max) draws no key and leaves the global generator alone).
         progress: show a tqdm progress bar (one tick per step; per accepted step for adaptive solvers); True or
             a dict of tqdm keyword arguments (e.g. ``{"file": f}``).
         callback: ``callback(step=n, t=t_next, x=x, denoised=x0)`` after each step (x is the live state: clone

@@ -45,6 +45,10 @@ def resolve_seed(seed) -> int | torch.Tensor:
                             f"{tuple(seed.shape)} dtype {seed.dtype}. Pass seed=int(...) or an int64 tensor.")
         return seed
     if seed is None:
+        if torch.compiler.is_compiling():
+            raise ValueError("seed=None draws a fresh key from torch's global generator on the host, which a compiled "
+                             "graph cannot do; pass seed= as a one-element tensor made outside the compiled function "
+                             "(seed=torch.tensor([s])), or an int.")
         return key_from_generator(torch.default_generator)
     if isinstance(seed, torch.Generator):
         return key_from_generator(seed)

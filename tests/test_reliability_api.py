@@ -75,6 +75,32 @@ def test_default_seed_is_the_key_drawn_from_the_global_generator():
     assert torch.equal(x, y) and info["seed"] == info_g["seed"]
 
 
+def test_seed_none_draws_nothing_for_a_run_without_noise():
+    """A deterministic solver from a given x(t_max) draws no noise: seed=None takes no key, leaves the global
+    generator alone and reports info["seed"] = None (the samples are those of any explicit seed)."""
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    for run in (lambda **kw: fs.sample(_model(), x, solver="heun", steps=3, **kw),
+                lambda **kw: GraphedSampler(fs.Sampler(_model(), "heun", steps=3), (3, 2), device="cpu",
+                                            capture=EagerReplay).sample(x, **kw)):
+        torch.manual_seed(4)
+        before = torch.get_rng_state()
+        y, info = run(return_info=True)
+        assert torch.equal(torch.get_rng_state(), before) and info["seed"] is None
+        assert torch.equal(y, run(seed=5))
+
+
+def test_seed_none_under_torch_compile():
+    """Dynamo traces a run without noise in one graph with no seed (backend="eager": the tracing is what is tested,
+    not inductor's code); a run that draws noise says to pass a seed instead of failing inside Dynamo."""
+    sampler = fs.Sampler(_model(), "euler", steps=1)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(lambda v: sampler.sample(v), fullgraph=True, backend="eager")(x)
+    eager = sampler.sample(x)  # the host-coefficient path: the same sums in another order (float32 rounding)
+    assert float((compiled - eager).abs().max()) <= 1e-6 * float(eager.abs().max())
+    with pytest.raises(Exception, match=r"seed=None draws a fresh key .* pass seed= as a one-element tensor"):
+        torch.compile(lambda: sampler.sample((3, 2)), fullgraph=True, backend="eager")()
+
+
 def test_sampler_generator_and_seed_together_refused():
     with pytest.raises(ValueError, match="either seed= or generator="):
         fs.sample(_model(), (2, 2), steps=2, seed=0, generator=torch.Generator())
