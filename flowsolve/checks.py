@@ -16,11 +16,108 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
+import operator
 
 import torch
 
+from .kernels.seed import key_from_generator  # noqa: F401  (the seed's own validator lives beside seed_tensor)
+
 __all__ = ["check_model", "check_callback", "check_device", "check_state", "check_bool", "closest",
-           "key_from_generator", "callback_wants_denoised", "check_path_args"]
+           "key_from_generator", "callback_wants_denoised", "check_path_args", "as_int", "as_real", "as_times",
+           "as_shape", "check_sample_offset", "check_unchanged", "reraise_with_note", "given", "integer"]
+
+
+# ------------------------------------------------------------------------------------------ scalar arguments
+def given(v) -> str:
+    """What was passed, for an error message: ``float 2.0``, ``str 'a'``, ``a tensor of shape (2,) and dtype ...``."""
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)} and dtype {v.dtype}"
+    return f"{type(v).__name__} {v!r}"
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
+
+
+def integer(v) -> int | None:
+    """``v`` as a Python int when it is an integer scalar: an int, a numpy integer or a one-element integer tensor
+    (read on the host: call before a loop); None for anything else (bool, float, complex, other tensors)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+            return int(v.reshape(-1)[0])
+        return None
+    if isinstance(v, numbers.Integral) and not _is_bool(v):
+        return int(v)
+    return None
+
+
+def as_int(name: str, v, *, lo: int | None = None, what: str | None = None) -> int:
+    """An integer argument (a count, an index) as a Python int: an int, a numpy integer or a one-element integer
+    tensor is accepted; bool, float and complex values are refused (TypeError), and values below ``lo`` too
+    (ValueError). ``what`` names the expected value in the message (default ``an int [>= lo]``)."""
+    i = integer(v)
+    if i is None:
+        raise TypeError(f"{name} must be {what or ('an int' if lo is None else f'an int >= {lo}')}; got {given(v)}.")
+    if lo is not None and i < lo:
+        raise ValueError(f"{name}={i} must be >= {lo}.")
+    return i
+
+
+def check_sample_offset(v, first: str = "x[0]") -> int:
+    """``sample_offset``: the global index of the first sample of a batch (for sharding), a non-negative int."""
+    i = integer(v)
+    if i is None or i < 0:
+        raise ValueError(f"sample_offset={v!r} must be a non-negative int (the global index of {first}).")
+    return i
+
+
+def as_real(name: str, v, where: str | None = None) -> float:
+    """A finite real number as a Python float: an int, a float, a numpy scalar or a one-element real tensor (read on
+    the host: call before a loop). Anything else is a TypeError naming what was given, NaN/inf a ValueError.
+    ``where`` (e.g. ``"VP"``) prefixes the message as ``VP(name=value): ...``."""
+    prefix = f"{where}({name}={v!r}): " if where else ""
+    if isinstance(v, torch.Tensor):
+        ok = v.numel() == 1 and not (v.is_complex() or v.dtype == torch.bool)
+        value = float(v.reshape(-1)[0]) if ok else None
+    else:
+        value = float(v) if isinstance(v, numbers.Real) and not _is_bool(v) else None
+    if value is None:
+        raise TypeError(f"{prefix}{name} must be a finite real number (an int, a float, a numpy scalar or a "
+                        f"one-element real tensor); got {given(v)}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{prefix}{name} must be a finite number." if where else
+                         f"{name}={value!r} must be a finite number; got {given(v)}.")
+    return value
+
+
+def as_times(name: str, t, expected: str = "a 1-D sequence or tensor of real times") -> torch.Tensor:
+    """A sequence or tensor of times as a float64 CPU tensor (a copy; its shape is kept for the caller to check).
+    Complex and bool times are refused: a cast would drop the imaginary part or turn True into 1.0."""
+    try:
+        src = t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t, device="cpu")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be {expected}; got {type(t).__name__}.") from e
+    if src.is_complex() or src.dtype == torch.bool:
+        raise TypeError(f"{name} has {'complex' if src.is_complex() else 'bool'} dtype {src.dtype}; pass real times "
+                        f"(a float tensor or a sequence of numbers).")
+    if not isinstance(t, torch.Tensor):  # again in float64: Python floats would have been rounded to float32
+        src = torch.as_tensor(t, dtype=torch.float64, device="cpu")
+    return src.to(device="cpu", dtype=torch.float64).clone()
+
+
+def as_shape(v, name: str = "noise_or_shape", hint: str = "pass a tensor x(t_max) or a shape of ints like (B, D), e.g. "
+             "(16, 2)") -> tuple[int, ...]:
+    """A batch-first shape of positive ints (numpy and 0-d integer tensor entries accepted)."""
+    try:
+        if isinstance(v, (str, bytes, torch.Tensor)) or any(_is_bool(s) for s in v):
+            raise TypeError
+        shape = tuple(operator.index(s) for s in v)
+    except TypeError as e:
+        raise TypeError(f"{name}={v!r}: {hint}.") from e
+    if len(shape) == 0 or any(s <= 0 for s in shape):
+        raise ValueError(f"{name}={shape} must be batch-first with positive sizes, e.g. (16, 2).")
+    return shape
 
 
 def closest(name, choices) -> str:
@@ -58,9 +155,11 @@ def callback_wants_denoised(callback) -> bool:
 
 
 def check_device(device) -> torch.device:
-    """A ``torch.device`` from None / str / device, with a clear error for a bad name."""
-    if device is None:
-        return torch.device("cpu")
+    """A ``torch.device`` from None / str / device, with a clear error for a bad name. None is torch's default
+    device (``torch.get_default_device()``: the CPU unless ``torch.set_default_device`` says otherwise), where
+    ``torch.randn(shape)`` would put its samples."""
+    if device is None:  # (torch.get_default_device is not traceable: a compiled call takes the CPU, as before)
+        return torch.device("cpu") if torch.compiler.is_compiling() else torch.get_default_device()
     if isinstance(device, torch.device):
         return device
     try:
@@ -89,28 +188,40 @@ def check_finite_state(x: torch.Tensor, name: str = "the initial state") -> None
         )
 
 
-def key_from_generator(generator: torch.Generator) -> int:
-    """A 64-bit int key drawn from ``generator`` (two 32-bit words, on the generator's device).
-
-    Deterministic: the same generator state gives the same key, so ``torch.Generator().manual_seed(s)``
-    reproduces its samples. Like every torch sampling call it advances the generator, so two calls with
-    one generator draw two different (reproducible) keys. Returned in int64's signed range."""
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}.")
-    words = torch.randint(0, 2**32, (2,), generator=generator, device=generator.device, dtype=torch.int64).tolist()
-    key = (words[1] << 32) | words[0]
-    return key - 2**64 if key >= 2**63 else key
-
-
 def _as_time(t, x: torch.Tensor, model) -> torch.Tensor:
     if t is None:
         t = model.path.t_max if math.isfinite(model.path.t_max) else model.path.t_min
     if isinstance(t, torch.Tensor):
         t = t.to(device=x.device, dtype=x.dtype)
         return t.expand(x.shape[0]) if t.numel() == 1 else t
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+    if _is_bool(t) or not isinstance(t, numbers.Real) or not math.isfinite(t):
         raise ValueError(f"t={t!r} must be a finite path time (a number or a [B] tensor).")
     return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+
+
+def check_unchanged(before: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise ValueError if the model changed its input ``x`` in place (``before``: a copy of x taken before the
+    call; NaNs compare equal to NaNs). One comparison and one host read: a check, not for the hot loop."""
+    same = (before == x) | (torch.isnan(before) & torch.isnan(x))
+    if not bool(same.all()):
+        raise ValueError(
+            f"the model changed its input x in place: fn(x, t) receives the solver's live state (no copy is made "
+            f"per call), so an in-place update (x.mul_(...), x += ..., out=x) corrupts this and every later step. "
+            f"Fix: clone x in the model (x = x.clone()) before modifying it, or use out-of-place operations."
+        )
+
+
+def reraise_with_note(e: BaseException, note: str):
+    """Re-raise ``e``, the exception being handled, with ``note`` saying where it happened.
+
+    Python >= 3.11: the same exception object (its type, arguments and traceback unchanged, so ``except
+    OutOfMemoryError`` or a caller's own exception class still works), with ``note`` added (PEP 678: printed under
+    the message in the traceback, kept in ``e.__notes__``). Python 3.10 has no notes: a RuntimeError carrying the
+    note and the original message, chained from ``e`` (``raise ... from e``)."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+        raise e
+    raise RuntimeError(f"{note}: {type(e).__name__}: {e}") from e
 
 
 @torch.no_grad()
@@ -122,13 +233,15 @@ def check_model(model, x: torch.Tensor, t=None, *, sample: int = 0, rtol: float 
     ``sample``, moved by ``0.5 (std(x) + 1)`` in every element (a change large enough that a batch mean
     over B samples moves by 0.5 (std + 1) / B). A sample b != ``sample`` whose output moves by more
     than ``atol + rtol * max|out|`` is reported (the default tolerance admits float reassociation, not
-    a dependence). With B = 1 there is nothing to compare and nothing is raised.
+    a dependence). With B = 1 there is nothing to compare: one call, for the in-place check below.
 
     Args:
         model: a ``fs.Model`` or a plain callable ``fn(x, t)``.
         x: a batch-first state ``[B, ...]`` (B >= 2 to test anything), e.g. noise at t_max.
         t: a path time (number or [B] tensor); default the path's t_max (t_min for EDM's infinite t_max).
         sample: which sample to perturb.
+
+    A model that changes its input in place is refused too (ValueError; the fix is to clone x in the model).
 
     Note: the model runs twice with gradients off; a BatchNorm in train mode updates its running
     statistics on both calls (put it in ``eval()``, which is also the fix).
@@ -143,15 +256,17 @@ def check_model(model, x: torch.Tensor, t=None, *, sample: int = 0, rtol: float 
     b = x.shape[0]
     if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < b:
         raise ValueError(f"sample={sample!r} must be an int in [0, {b}) (the sample to perturb).")
-    if b < 2:
-        return
     tt = _as_time(t, x, model) if isinstance(model, Model) else (
         t if isinstance(t, torch.Tensor) else torch.full((b,), 0.5 if t is None else float(t), dtype=x.dtype,
                                                          device=x.device))
+    x_before = x.clone()
     out = model(x, tt)
+    check_unchanged(x_before, x)
     if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
         raise ValueError(f"the model returned {getattr(out, 'shape', type(out).__name__)}; it must return a tensor "
                          f"shaped like x {tuple(x.shape)}.")
+    if b < 2:
+        return
     out = out.clone()
     x2 = x.clone()
     x2[sample] += 0.5 * (float(x.float().std()) + 1.0)
@@ -173,9 +288,7 @@ def check_model(model, x: torch.Tensor, t=None, *, sample: int = 0, rtol: float 
 
 
 def _number(cls: str, name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{cls}({name}={v!r}): {name} must be a finite number.")
-    return float(v)
+    return as_real(name, v, where=cls)
 
 
 def check_path_args(cls: str, *, t_min=None, t_max=None, t_lo: float = 0.0, t_hi: float = 1.0, positive=(),

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import STREAM_INIT, normal_, resolve_backend, seed_tensor
-from .checks import key_from_generator
+from .kernels import STREAM_INIT, normal_, resolve_backend
+from .kernels.seed import resolve_seed, seed_tensor, seed_value
 from .sample import Run, Sampler
 
 __all__ = ["GraphedSampler", "CUDAGraphCapture", "EagerReplay"]
@@ -166,23 +166,33 @@ class GraphedSampler:
         return self._graphs[mode]
 
     @torch.no_grad()
-    def sample(self, noise=None, *, seed=0) -> torch.Tensor:
-        """Replay the captured loop for ``seed`` (int, torch.Generator or one-element tensor), from
-        ``noise`` (a tensor of the captured shape: x(t_max) as in ``fs.sample``) or from keyed prior
-        noise when ``noise`` is None. The first call of each kind records its graph. Returns x(t_min)
-        as a new tensor."""
-        if isinstance(seed, torch.Generator):
-            seed = key_from_generator(seed)  # the same 64-bit key fs.sample derives from a generator
-        self._seed.copy_(seed_tensor(seed, self.device))
+    def sample(self, noise=None, *, seed=None, return_info: bool = False):
+        """Replay the captured loop for ``seed``, from ``noise`` (a tensor of the captured shape: x(t_max) as in
+        ``fs.sample``) or from keyed prior noise when ``noise`` is None. The first call of each kind records its
+        graph. Returns x(t_min) as a new tensor [, info: ``seed``, ``nfe``].
+
+        ``seed`` as in ``fs.sample``: an int (numpy integers too), a one-element integer tensor, a
+        torch.Generator (the same 64-bit key ``fs.sample`` derives from it) or None (the default: a fresh key
+        from torch's global CPU generator, ``info["seed"]``)."""
+        if not isinstance(return_info, bool):
+            raise TypeError(f"return_info={return_info!r} must be True or False.")
         if noise is not None:
             if not isinstance(noise, torch.Tensor):
                 raise TypeError(f"noise must be a tensor shaped {self.shape} or None; got {type(noise).__name__}.")
             if tuple(noise.shape) != self.shape:
                 raise ValueError(f"noise has shape {tuple(noise.shape)} but the graph was captured for {self.shape}; "
                                  "build another GraphedSampler for this shape.")
+        # after the checks (a refused call draws nothing); as fs.sample, seed=None draws no key for a run without
+        # noise (a deterministic solver from a given state; info["seed"] is then None)
+        draws = noise is None or self.sampler.solver.info.stochastic
+        seed = None if (seed is None and not draws) else resolve_seed(seed)
+        self._seed.copy_(seed_tensor(0 if seed is None else seed, self.device))
+        if noise is not None:
             self._x_in.copy_(noise)
         self._graph("noise" if noise is None else "input").replay()  # recording executes nothing that counts
         self.replays += 1
+        if return_info:
+            return self._x.clone(), {"seed": None if seed is None else seed_value(seed), "nfe": self.nfe}
         return self._x.clone()
 
     @property

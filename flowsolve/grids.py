@@ -18,19 +18,17 @@ import difflib
 
 import torch
 
+from .checks import as_int, as_real, as_times
 from .paths import GaussianPath
 
 GRIDS = ("uniform", "logsnr", "edm", "quadratic")
 
 
 def time_range(path: GaussianPath, t_max=None, t_min=None) -> tuple[float, float]:
-    """Validated (t_max, t_min), defaulting to the path's sampling range."""
-    t_max = path.t_max if t_max is None else t_max
-    t_min = path.t_min if t_min is None else t_min
-    for name, v in (("t_max", t_max), ("t_min", t_min)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"{name}={v!r} must be a finite number.")
-    t_max, t_min = float(t_max), float(t_min)
+    """Validated (t_max, t_min) as floats, defaulting to the path's sampling range. Each may be an int, a float,
+    a numpy scalar or a one-element real tensor (``flowsolve.checks.as_real``)."""
+    t_max = as_real("t_max", path.t_max if t_max is None else t_max)
+    t_min = as_real("t_min", path.t_min if t_min is None else t_min)
     if not path.t_lo <= t_min < t_max <= path.t_hi:
         raise ValueError(
             f"need {path.t_lo} <= t_min < t_max <= {path.t_hi} for {type(path).__name__}; got t_min={t_min}, t_max={t_max}."
@@ -39,7 +37,14 @@ def time_range(path: GaussianPath, t_max=None, t_min=None) -> tuple[float, float
 
 
 def make_grid(grid, path: GaussianPath, steps: int | None = None, t_max=None, t_min=None, rho: float = 7.0) -> torch.Tensor:
-    """A decreasing float64 grid of ``steps + 1`` times from t_max to t_min (or the user's grid, validated)."""
+    """A decreasing float64 grid of ``steps + 1`` times from t_max to t_min (or the user's grid, validated).
+
+    Always a CPU tensor: grids are planned on the host, whatever ``torch.set_default_device`` says."""
+    with torch.device("cpu"):
+        return _make_grid(grid, path, steps, t_max, t_min, rho)
+
+
+def _make_grid(grid, path, steps, t_max, t_min, rho) -> torch.Tensor:
     if grid is None:
         grid = path.default_grid
     if not isinstance(grid, str):
@@ -48,10 +53,7 @@ def make_grid(grid, path: GaussianPath, steps: int | None = None, t_max=None, t_
         match = difflib.get_close_matches(grid, GRIDS, n=1)
         hint = f" Did you mean {match[0]!r}?" if match else ""
         raise ValueError(f"grid={grid!r} is not one of {GRIDS} (or pass a decreasing sequence of times).{hint}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be a positive int; got {steps!r}.")
-    if steps <= 0:
-        raise ValueError(f"steps={steps} must be >= 1.")
+    steps = as_int("steps", steps, lo=1, what="a positive int")
     hi, lo = time_range(path, t_max, t_min)
     frac = torch.arange(steps + 1, dtype=torch.float64) / steps
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -88,13 +90,10 @@ def make_grid(grid, path: GaussianPath, steps: int | None = None, t_max=None, t_
 
 
 def _validate_user_grid(grid, path: GaussianPath, steps) -> torch.Tensor:
-    try:
-        t = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().clone()
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"grid must be a name in {GRIDS} or a 1-D sequence of times; got {type(grid).__name__}.") from e
+    t = as_times("grid", grid, f"a name in {GRIDS} or a 1-D sequence of times")
     if t.dim() != 1 or t.numel() < 2:
         raise ValueError(f"a grid of times must be 1-D with at least 2 points; got shape {tuple(t.shape)}.")
-    if steps is not None and steps != t.numel() - 1:
+    if steps is not None and as_int("steps", steps, lo=1, what="a positive int") != t.numel() - 1:
         raise ValueError(f"steps={steps} but the grid has {t.numel()} points ({t.numel() - 1} steps); pass steps=None.")
     if not bool(torch.isfinite(t).all()):
         raise ValueError("the grid contains NaN or inf times.")

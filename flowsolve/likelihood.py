@@ -64,9 +64,11 @@ import math
 import torch
 
 from . import grids as _grids
+from .checks import as_times, check_sample_offset
 from .controller import PIController
-from .kernels import MAX_INPUTS, hutchinson_accumulate, lincomb, probes_, resolve_backend, seed_tensor
-from .model import Model
+from .kernels import MAX_INPUTS, hutchinson_accumulate, lincomb, probes_, resolve_backend
+from .kernels.seed import resolve_seed, seed_tensor, seed_value
+from .model import GuardedModel, Model, host_default, user_default_device
 from .tableaus import TABLEAUS as _TABLEAUS
 from .tableaus import Tableau
 
@@ -214,10 +216,7 @@ def _increasing_grid(path, grid, steps, t_min, t_max) -> torch.Tensor:
         return _grids.make_grid(grid, path, 32 if steps is None else steps, t_max=t_max, t_min=t_min).flip(0)
     if t_max is not None or t_min is not None:
         raise ValueError("pass either a grid of times or t_max/t_min, not both.")
-    try:
-        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"grid must be a name in {_grids.GRIDS} or a 1-D sequence of times; got {type(grid).__name__}.") from e
+    g = as_times("grid", grid, f"a name in {_grids.GRIDS} or a 1-D sequence of times").reshape(-1)
     if g.numel() >= 2 and bool((g[1:] > g[:-1]).all()):
         g = g.flip(0)  # the likelihood accepts either direction: validate as a decreasing grid, then flip
     return _grids.make_grid(g, path, steps).flip(0)
@@ -362,7 +361,7 @@ def _check_int(name, v, lo=1):
 
 
 def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: int | None = None, grid=None, *,
-                   divergence: str = "auto", probes: int = 1, probe: str = "rademacher", seed=0, t_min=None,
+                   divergence: str = "auto", probes: int = 1, probe: str = "rademacher", seed=None, t_min=None,
                    t_max=None, prior_log_prob=None, rtol: float | None = None, atol: float | None = None,
                    h0: float | None = None,
                    max_steps: int = 10_000, exact_method: str = "vjp", chunk: int | None = None,
@@ -380,7 +379,10 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         divergence: "exact" | "hutchinson" | "auto" (exact for D <= 64).
         probes: Hutchinson probes per sample (k >= 1), each held fixed along the trajectory.
         probe: "rademacher" | "gaussian".
-        seed: int, torch.Generator or one-element int64 tensor: keys the probes per global sample.
+        seed: int (numpy integers too), torch.Generator or one-element integer tensor: keys the Hutchinson probes
+            per global sample. None (the default) draws a fresh 64-bit key from torch's global CPU generator
+            (new probes per call, as FFJORD draws them; ``torch.manual_seed`` makes it repeatable; the key is
+            ``info["seed"]``). Exact divergence draws nothing.
         t_min, t_max: the integration range (default: the path's range).
         prior_log_prob: callable ``x_T -> [B]``; default N(0, sigma(t_max)^2 I) (see the module notes).
         rtol, atol, h0, max_steps: adaptive solvers: tolerances (default 1e-5 each), first step (default:
@@ -393,7 +395,8 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         backend: "auto" | "torch" | "triton" for the fused kernels.
         return_info: also return a dict: nfe (model forwards), vjps (backward passes), steps, rejected,
             grid (accepted times), divergence, solver, delta_log_p [B], prior_log_prob [B], x_T,
-            per_probe [k, B] (Hutchinson: each probe's integral of the divergence).
+            per_probe [k, B] (Hutchinson: each probe's integral of the divergence), seed (the probes' int key;
+            None for exact divergence).
 
     Returns:
         ``(log_p, stderr)``: ``[B]`` tensors (float64 for float64 x, else float32). ``stderr`` is the
@@ -427,8 +430,7 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         raise ValueError(
             f"unknown likelihood solver {solver!r}; choose one of {', '.join(TABLEAUS)}.{_closest(solver, TABLEAUS)}"
         )
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-        raise ValueError(f"sample_offset={sample_offset!r} must be a non-negative int (the global index of x[0]).")
+    sample_offset = check_sample_offset(sample_offset)
     if prior_log_prob is not None and not callable(prior_log_prob):
         raise TypeError(f"prior_log_prob must be a callable x_T -> [B] log-densities; got {type(prior_log_prob).__name__}.")
     tab = TABLEAUS[solver]
@@ -457,14 +459,18 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
             raise ValueError(f"h0={h0!r} must be a positive number or None.")
         hi, lo = _grids.time_range(path, t_max, t_min)
     else:
-        grid_up = _increasing_grid(path, grid, steps, t_min, t_max)
+        with torch.device("cpu"):  # host planning, whatever torch.set_default_device says
+            grid_up = _increasing_grid(path, grid, steps, t_min, t_max)
         lo, hi = float(grid_up[0]), float(grid_up[-1])
 
     from .checks import check_f32_times
 
     check_f32_times([lo, hi], torch.float64 if x.dtype == torch.float64 else torch.float32,
                     f"the integration range of {solver}")
-    with torch.inference_mode(False), torch.no_grad():
+    user_device = user_default_device()  # None unless torch.set_default_device moved it off the CPU
+    with torch.inference_mode(False), torch.no_grad(), host_default(user_device):
+        if user_device is not None:  # our code runs with the CPU as default device, the model with the user's
+            model = GuardedModel(model, device=user_device)
         state = x.detach()
         if state.dtype not in (torch.float32, torch.float64):
             state = state.float()
@@ -474,7 +480,9 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
         mode = divergence if divergence != "auto" else ("exact" if dim <= AUTO_EXACT_MAX_DIM else "hutchinson")
         be = resolve_backend(backend, state.device)
         k = probes if mode == "hutchinson" else 1
-        seed_t = seed_tensor(seed, state.device)
+        # validated always; seed=None draws a fresh key only where probes are drawn (exact divergence draws none)
+        seed = None if (seed is None and mode != "hutchinson") else resolve_seed(seed)
+        seed_t = seed_tensor(0 if seed is None else seed, state.device)
         field = _Field(model, state, mode, k, probe, seed_t, sample_offset, be, exact_method, chunk)
         acc = torch.zeros(field.rows, state.shape[0], dtype=dtype_acc, device=state.device)
         if tab.adaptive:
@@ -511,7 +519,7 @@ def log_likelihood(model: Model, x: torch.Tensor, solver: str = "heun", steps: i
     info = {"nfe": field.nfe, "vjps": field.vjps, "steps": stats["steps"], "rejected": stats["rejected"],
             "grid": stats["grid"], "divergence": mode, "solver": solver, "probes": k if mode == "hutchinson" else 0,
             "delta_log_p": delta, "prior_log_prob": prior.to(dtype_acc), "x_T": state,
-            "per_probe": acc if mode == "hutchinson" else None}
+            "per_probe": acc if mode == "hutchinson" else None, "seed": None if seed is None else seed_value(seed)}
     return logp, stderr, info
 
 

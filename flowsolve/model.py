@@ -19,10 +19,12 @@ The two-step recipe: the raw output and ``x = alpha x0 + sigma eps`` determine t
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 import torch
 
+from .checks import check_unchanged, reraise_with_note
 from .paths import GaussianPath
 
 PREDICTS = ("score", "eps", "x0", "v", "velocity")
@@ -195,3 +197,93 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.path!r}, predicts={self.predicts!r})"
+
+
+# ---------------------------------------------------------------------------------------------- inside a run
+def user_default_device() -> torch.device | None:
+    """torch's default device when the user moved it off the CPU (``torch.set_default_device('cuda')``, a
+    ``with torch.device(...)`` block), else None."""
+    if torch.compiler.is_compiling():  # not traceable; a compiled run keeps torch's default as it was traced
+        return None
+    device = torch.get_default_device()
+    return None if device.type == "cpu" else device
+
+
+def host_default(user_device):
+    """A context for a run's own code while the user's default device is ``user_device`` (not None): torch's
+    default device is the CPU there, as flowsolve's code assumes: host planning (grids, coefficient tables,
+    adaptive step decisions) stays on the host, and every tensor a run puts on the state's device names that
+    device. The model itself runs under the user's default (``GuardedModel(model, device=user_device)``). A null
+    context when ``user_device`` is None: nothing to do, nothing paid."""
+    return contextlib.nullcontext() if user_device is None else torch.device("cpu")
+
+
+def on_user_device(fn, user_device):
+    """``fn`` (a plain callable such as odeint's ``f``) called with ``user_device`` as torch's default device,
+    inside a run whose own code holds the CPU as default (``host_default``); ``fn`` itself when None."""
+    if user_device is None:
+        return fn
+
+    def call(*args, **kwargs):
+        with torch.device(user_device):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+class GuardedModel(Model):
+    """A run's view of a ``fs.Model``: the same path, parameterization and conversions, each call wrapped.
+
+    Args:
+        inner: the model.
+        device: torch's default device during the call (the user's own, while the run's code holds the CPU as
+            the default: ``host_default``); None leaves it alone.
+        check_inplace: copy x before each call and refuse a model that changed it (``checks.check_unchanged``;
+            one state copy, one comparison and one host read per call).
+        where: ``where(t, call_number) -> str``: an exception raised by the call is re-raised with that note
+            (``checks.reraise_with_note``); None re-raises it unchanged.
+    """
+
+    def __init__(self, inner: Model, *, device=None, check_inplace: bool = False, where=None):
+        self.__dict__.update(inner.__dict__)
+        self._inner, self._device, self._check_inplace, self._where = inner, device, check_inplace, where
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        before = x.clone() if self._check_inplace else None
+        try:
+            with contextlib.nullcontext() if self._device is None else torch.device(self._device):
+                out = self._inner(x, t)
+            if before is not None:
+                check_unchanged(before, x)
+        except Exception as e:
+            note = self._note(t)
+            if note is None:
+                raise
+            reraise_with_note(e, note)
+        return out
+
+    # the inner model's own conversions (a Model subclass may define its own)
+    def evaluable(self, t):
+        return self._inner.evaluable(t)
+
+    def can_convert(self, target, t):
+        return self._inner.can_convert(target, t)
+
+    def conversion(self, target, t):
+        return self._inner.conversion(target, t)
+
+    def _raw_conversion(self, target, t):
+        return self._inner._raw_conversion(target, t)
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+    def _note(self, t) -> str | None:
+        if self._where is None:
+            return None
+        try:
+            return self._where(t, self.calls)
+        except Exception:  # e.g. t on a device that holds no data: the error goes on without a note
+            return None

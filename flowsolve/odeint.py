@@ -28,7 +28,9 @@ import math
 
 import torch
 
+from .checks import as_times
 from .kernels import lincomb, resolve_backend
+from .model import host_default, on_user_device, user_default_device
 from .solvers.adaptive_rk import FunctionField, integrate_embedded
 from .tableaus import TABLEAUS
 
@@ -40,10 +42,7 @@ DEFAULT_RTOL, DEFAULT_ATOL = 1e-6, 1e-8
 
 
 def _grid(t) -> torch.Tensor:
-    try:
-        g = torch.as_tensor(t.detach().cpu() if isinstance(t, torch.Tensor) else t, dtype=torch.float64).reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"t must be a 1-D sequence or tensor of times; got {type(t).__name__}.") from e
+    g = as_times("t", t, "a 1-D sequence or tensor of times").reshape(-1)
     if isinstance(t, torch.Tensor) and t.dim() > 1:
         raise ValueError(f"t must be 1-D; got shape {tuple(t.shape)}.")
     if g.numel() < 2:
@@ -66,7 +65,7 @@ def _odeint_fixed(field, x, out, grid, tab, backend):
     t_st = torch.stack([t1 if c == 1.0 else torch.minimum(torch.maximum(t0 + c * h, lo), hi) for c in tab.c], 1)
     t_dev = t_st.to(device=dev, dtype=dt)
     on = lambda cols: torch.stack(cols, 1).to(device=dev, dtype=dt)  # noqa: E731
-    one, zero = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    one, zero = torch.ones_like(h), torch.zeros_like(h)  # host float64, like the grid
     deps = [[j for j in range(i) if tab.a[i][j] != 0.0] for i in range(s)]
     used = [j for j in range(s) if tab.b[j] != 0.0]
     y_tab = [None] + [on([one] + [h * tab.a[i][j] for j in deps[i]] + [zero]) for i in range(1, s)]
@@ -139,8 +138,9 @@ def odeint(f, x0: torch.Tensor, t, solver: str = "rk4", *, rtol: float | None = 
     grid = _grid(t)
     dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
     be = resolve_backend(backend, x0.device)
-    field = FunctionField(f, grad_enabled=torch.is_grad_enabled())
-    with torch.no_grad():
+    user_device = user_default_device()  # None unless torch.set_default_device moved it off the CPU
+    field = FunctionField(on_user_device(f, user_device), grad_enabled=torch.is_grad_enabled())
+    with torch.no_grad(), host_default(user_device):  # host planning on the CPU; f runs on the user's default
         out = torch.empty((grid.numel(), *x0.shape), dtype=dtype, device=x0.device)
         out[0].copy_(x0.detach())
         tab = TABLEAUS[solver]

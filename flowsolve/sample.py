@@ -8,14 +8,13 @@ no ``.item()``, no Python float computed per step (tested with a TorchDispatchMo
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from . import checks as _checks
 from . import grids as _grids
-from .kernels import STREAM_INIT, STREAM_STEP, lincomb, lincomb_torch, normal_, resolve_backend, seed_tensor
-from .model import Model
+from .kernels import STREAM_INIT, STREAM_STEP, lincomb, lincomb_torch, normal_, resolve_backend
+from .kernels.seed import resolve_seed, seed_tensor, seed_value
+from .model import GuardedModel, Model, host_default, user_default_device
 from .solvers.base import AdaptiveSolver, Plan, get_solver
 
 
@@ -82,7 +81,11 @@ class Run:
             t = torch.full((x.shape[0],), self._host_t[self._n][col], dtype=self.t_eval.dtype, device=x.device)
         else:
             t = self.t_eval.index_select(0, self.step_index).select(1, col).expand(x.shape[0])
-        out = self.model(x, t)  # Model.__call__ casts a half-precision output to x's (the state's) dtype
+        try:
+            out = self.model(x, t)  # Model.__call__ casts a half-precision output to x's (the state's) dtype
+        except Exception as e:  # the same exception, with where it happened (a RuntimeError on Python 3.10)
+            _checks.reraise_with_note(e, f"flowsolve: raised by the model at step {self._n} of {self.plan.n_steps} "
+                                         f"(t={float(self.plan.t_eval[self._n, col]):.6g}, evaluation {col} of the step)")
         self.nfe += 1
         if self._x0_ok is not None and self.denoised is None and self._x0_ok[self._n][col]:
             row = self._x0_rows.index_select(0, self.step_index)[0, col]
@@ -119,16 +122,7 @@ def _initial_state(noise_or_shape, prior_std: float, seed, dtype, device, backen
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # the solver state is fp32 (fp64 for verification); the model may cast inside
         return x.clone(memory_format=torch.contiguous_format)
-    try:
-        if isinstance(noise_or_shape, (str, bytes)) or any(isinstance(s, bool) for s in noise_or_shape):
-            raise TypeError
-        shape = tuple(operator.index(s) for s in noise_or_shape)
-    except TypeError as e:
-        raise TypeError(
-            f"noise_or_shape={noise_or_shape!r}: pass a tensor x(t_max) or a shape of ints like (B, D), e.g. (16, 2)."
-        ) from e
-    if len(shape) == 0 or any(s <= 0 for s in shape):
-        raise ValueError(f"noise_or_shape={shape} must be batch-first with positive sizes, e.g. (16, 2).")
+    shape = _checks.as_shape(noise_or_shape)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype={dtype}: the solver state must be torch.float32 or torch.float64.")
     x = torch.empty(shape, dtype=dtype, device=device)
@@ -155,6 +149,10 @@ class Sampler:
 
     def __init__(self, model: Model, solver="heun", steps: int | None = None, grid=None, *, t_max=None, t_min=None,
                  rtol: float | None = None, atol: float | None = None):
+        with torch.device("cpu"):  # planning is host float64 work, whatever torch.set_default_device says
+            self._plan(model, solver, steps, grid, t_max, t_min, rtol, atol)
+
+    def _plan(self, model, solver, steps, grid, t_max, t_min, rtol, atol):
         if not isinstance(model, Model):
             if callable(model):
                 raise TypeError("model must be a fs.Model; wrap your callable: fs.Model(fn, path, predicts='eps').")
@@ -219,13 +217,14 @@ class Sampler:
         return None if self.plan is None else self.plan.nfe
 
     @torch.no_grad()  # the loop updates buffers in place; a model with parameters must not build a graph here
-    def sample(self, noise_or_shape, *, seed=0, generator=None, dtype=torch.float32, device=None, backend=None,
+    def sample(self, noise_or_shape, *, seed=None, generator=None, dtype=torch.float32, device=None, backend=None,
                sample_offset: int = 0, return_trajectory: bool = False, return_info: bool = False, progress=False,
                callback=None, check_finite: bool | None = None, check_independence: bool = False,
-               cuda_graph: bool = False):
+               check_inplace: bool = False, cuda_graph: bool = False):
         """Run the planned sampler under ``torch.no_grad()``. See ``fs.sample`` for the arguments and the return value."""
         for name, v in (("return_trajectory", return_trajectory), ("return_info", return_info),
-                        ("check_independence", check_independence)):
+                        ("check_independence", check_independence), ("check_inplace", check_inplace),
+                        ("cuda_graph", cuda_graph)):
             _checks.check_bool(name, v)
         if check_finite is not None:
             _checks.check_bool("check_finite", check_finite)
@@ -237,11 +236,9 @@ class Sampler:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}. "
                                 f"For an int seed pass seed= instead.")
-            if not (isinstance(seed, int) and not isinstance(seed, bool) and seed == 0):
+            if seed is not None:
                 raise ValueError("pass either seed= or generator=, not both (generator= is seed=<torch.Generator>).")
             seed = generator
-        if isinstance(seed, torch.Generator):
-            seed = _checks.key_from_generator(seed)  # a 64-bit key drawn from the generator (advances it)
         if isinstance(noise_or_shape, torch.Tensor):
             if device is not None:
                 want = _checks.check_device(device)
@@ -250,29 +247,54 @@ class Sampler:
                     raise ValueError(f"device={device!r} but the initial state is on {have}; the state's device is used: "
                                      f"drop device= or move the tensor (x.to({str(want)!r})).")
             device = noise_or_shape.device
-        device = _checks.check_device(device)
-        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-            raise ValueError(f"sample_offset={sample_offset!r} must be a non-negative int (the global index of x[0]).")
-        seed_t = seed_tensor(seed, device)
+        device = _checks.check_device(device)  # None: torch's default device, where torch.randn would sample
+        sample_offset = _checks.check_sample_offset(sample_offset)
         be = resolve_backend(backend, device)
-        _checks.check_bool("cuda_graph", cuda_graph)
+        # None / a Generator: a 64-bit key drawn here, after the argument checks (a refused call draws nothing);
+        # seed=None and a run that draws no noise (a deterministic solver from a given x(t_max)): no key at all
+        draws = not isinstance(noise_or_shape, torch.Tensor) or self.solver.info.stochastic
+        seed = None if (seed is None and not draws) else resolve_seed(seed)
+        seed_t = seed_tensor(0 if seed is None else seed, device)
         if cuda_graph:
-            return self._sample_graphed(noise_or_shape, seed_t, dtype, device, be, sample_offset, return_trajectory,
-                                        return_info, progress, callback, check_finite, check_independence)
-        x = _initial_state(noise_or_shape, self.prior_std, seed_t, dtype, device, be, sample_offset)
-        if x.dtype == torch.float32 and self._f32_problem is not None:
-            raise ValueError(self._f32_problem)
-        model, plan, solv = self.model, self.plan, self.solver
-        check_finite = model.check_finite if check_finite is None else check_finite
-        if check_finite:
-            _checks.check_finite_state(x)
-        if check_independence:  # two model calls at t_max, before the loop (they are not counted in nfe)
-            _checks.check_model(model, x, self.t_max)
-        denoise = callback is not None and _checks.callback_wants_denoised(callback)
-        if plan is None:
-            return self._sample_adaptive(x, seed_t, be, sample_offset, return_trajectory, return_info, progress,
-                                         callback, check_finite, denoise)
-        run = Run(model, plan, x, seed_t, be, sample_offset, check_finite, denoise=denoise)
+            return self._sample_graphed(noise_or_shape, seed, seed_t, dtype, device, be, sample_offset,
+                                        return_trajectory, return_info, progress, callback, check_finite,
+                                        check_independence, check_inplace)
+        user_device = user_default_device()  # None unless torch.set_default_device moved it off the CPU
+        with host_default(user_device):  # our code assumes the CPU default device; the model gets the user's
+            x = _initial_state(noise_or_shape, self.prior_std, seed_t, dtype, device, be, sample_offset)
+            if x.dtype == torch.float32 and self._f32_problem is not None:
+                raise ValueError(self._f32_problem)
+            check_finite = self.model.check_finite if check_finite is None else check_finite
+            if check_finite:
+                _checks.check_finite_state(x)
+            if check_independence:  # two model calls at t_max, before the loop (not counted in nfe); also in place
+                _checks.check_model(self.model if user_device is None else GuardedModel(self.model, device=user_device),
+                                    x, self.t_max)
+            adaptive = self.plan is None
+            model = self.model
+            if check_inplace or user_device is not None or adaptive:
+                # fixed-step runs say the step of a model error in Run.evaluate; adaptive ones here, by time
+                where = (lambda t, k: f"flowsolve: raised by the model at t={float(t.reshape(-1)[0]):.6g} (model "
+                                      f"evaluation {k} of the adaptive {self.solver.info.name} solve)") if adaptive else None
+                model = GuardedModel(model, device=user_device, check_inplace=check_inplace, where=where)
+            denoise = callback is not None and _checks.callback_wants_denoised(callback)
+            if adaptive:
+                result = self._sample_adaptive(model, x, seed_t, be, sample_offset, return_trajectory, progress,
+                                               callback, check_finite, denoise)
+            else:
+                result = self._sample_fixed(model, x, seed_t, be, sample_offset, return_trajectory, progress,
+                                            callback, check_finite, denoise)
+        info = result.pop()
+        if return_info:
+            info["seed"] = None if seed is None else seed_value(seed)  # a tensor seed is read here, after the loop
+            result.append(info)
+        return result[0] if len(result) == 1 else tuple(result)
+
+    def _sample_fixed(self, model, x, seed_t, backend, sample_offset, return_trajectory, progress, callback,
+                      check_finite, denoise):
+        """The fixed-step loop; returns [x, trajectory?, info] (info always: ``sample`` drops it if not asked)."""
+        plan, solv = self.plan, self.solver
+        run = Run(model, plan, x, seed_t, backend, sample_offset, check_finite, denoise=denoise)
         trajectory = [x.clone()] if return_trajectory else None
         bar = _progress_bar(progress, f"flowsolve {solv.info.name}", plan.n_steps)
         try:
@@ -292,21 +314,18 @@ class Sampler:
         finally:
             if bar is not None:
                 bar.close()
-        result = [x]
-        if return_trajectory:
-            result.append(trajectory)
-        if return_info:
-            result.append({"nfe": run.nfe, "planned_nfe": plan.nfe, "grid": plan.grid, "solver": solv.info.name})
-        return result[0] if len(result) == 1 else tuple(result)
+        info = {"nfe": run.nfe, "planned_nfe": plan.nfe, "grid": plan.grid, "solver": solv.info.name}
+        return [x] + ([trajectory] if return_trajectory else []) + [info]
 
-    def _sample_graphed(self, noise_or_shape, seed_t, dtype, device, backend, sample_offset, return_trajectory,
-                        return_info, progress, callback, check_finite, check_independence):
+    def _sample_graphed(self, noise_or_shape, seed, seed_t, dtype, device, backend, sample_offset, return_trajectory,
+                        return_info, progress, callback, check_finite, check_independence, check_inplace):
         """``cuda_graph=True``: record the whole loop once per (shape, dtype, device, backend, sample_offset)
         and replay it (``flowsolve.cuda_graph.GraphedSampler``; the recordings are kept on this Sampler)."""
         from .cuda_graph import GraphedSampler
 
         extras = {"return_trajectory": return_trajectory, "progress": progress, "callback": callback is not None,
-                  "check_finite": bool(check_finite), "check_independence": check_independence}
+                  "check_finite": bool(check_finite), "check_independence": check_independence,
+                  "check_inplace": check_inplace}
         used = [k for k, v in extras.items() if v]
         if used:
             raise ValueError(f"cuda_graph=True replays a recorded loop with no host code between steps; drop "
@@ -316,11 +335,7 @@ class Sampler:
             shape, dtype = tuple(noise.shape), noise.dtype
         else:
             noise = None
-            try:
-                shape = tuple(int(v) for v in noise_or_shape)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"noise_or_shape must be a tensor x(t_max) or a shape like (B, D); got "
-                                f"{noise_or_shape!r}.") from e
+            shape = _checks.as_shape(noise_or_shape)
         if dtype == torch.float32 and self._f32_problem is not None:
             raise ValueError(self._f32_problem)
         key = (shape, dtype, str(device), backend, sample_offset)
@@ -331,16 +346,18 @@ class Sampler:
         x = graphs[key].sample(noise, seed=seed_t)
         if return_info:
             return x, {"nfe": self.plan.nfe, "planned_nfe": self.plan.nfe, "grid": self.plan.grid,
-                       "solver": self.solver.info.name, "cuda_graph": True}
+                       "solver": self.solver.info.name, "cuda_graph": True,
+                       "seed": None if seed is None else seed_value(seed)}
         return x
 
-    def _sample_adaptive(self, x, seed_t, backend, sample_offset, return_trajectory, return_info, progress, callback,
+    def _sample_adaptive(self, model, x, seed_t, backend, sample_offset, return_trajectory, progress, callback,
                          check_finite, denoise=False):
+        """The adaptive solve; returns [x, trajectory?, info]."""
         solv = self.solver
         trajectory = [x.clone()] if return_trajectory else None
         bar = _progress_bar(progress, f"flowsolve {solv.info.name} (accepted steps)", None)
         user_callback = callback
-        model = _RecordingModel(self.model) if denoise else self.model
+        model = _RecordingModel(model) if denoise else model
 
         def on_step(step, t, x):
             if bar is not None:
@@ -358,14 +375,9 @@ class Sampler:
         finally:
             if bar is not None:
                 bar.close()
-        result = [x]
-        if return_trajectory:
-            result.append(trajectory)
-        if return_info:
-            info = {"planned_nfe": None, "solver": solv.info.name, "rtol": solv.rtol, "atol": solv.atol}
-            info.update(stats)
-            result.append(info)
-        return result[0] if len(result) == 1 else tuple(result)
+        info = {"planned_nfe": None, "solver": solv.info.name, "rtol": solv.rtol, "atol": solv.atol}
+        info.update(stats)
+        return [x] + ([trajectory] if return_trajectory else []) + [info]
 
 
 class _RecordingModel(Model):
@@ -449,11 +461,12 @@ def _adaptive_infos():
     return [s for s in solvers() if s.adaptive]
 
 
-def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None, grid=None, *, seed=0,
+def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None, grid=None, *, seed=None,
            generator=None, t_max=None, t_min=None, dtype=torch.float32, device=None, backend=None,
            sample_offset: int = 0, return_trajectory: bool = False, return_info: bool = False, progress=False,
            callback=None, check_finite: bool | None = None, check_independence: bool = False,
-           rtol: float | None = None, atol: float | None = None, cuda_graph: bool = False):
+           check_inplace: bool = False, rtol: float | None = None, atol: float | None = None,
+           cuda_graph: bool = False):
     """Sample from a model by integrating its PF-ODE or reverse SDE from t_max down to t_min.
 
     Args:
@@ -464,20 +477,30 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
             A float16/bfloat16 tensor is promoted to float32 (the solver state is fp32, or fp64).
         solver: a registered name (``fs.solvers()``) or a Solver instance.
         steps: number of steps (not NFE; see ``return_info``); default 10 with a named grid, the grid's
-            length with a sequence of times.
-        grid: "uniform" | "logsnr" | "edm" | "quadratic" | a decreasing sequence of path times;
-            None takes the path's default (``path.default_grid``).
-        seed: int, torch.Generator or one-element int64 tensor: keys all noise per global sample, so
-            sample b is the same in any batch. A Generator gives a 64-bit key drawn from it (two 32-bit
-            ``torch.randint`` words on its device): the same generator state gives the same samples, and
-            the draw advances the generator, as any torch sampling call does.
+            length with a sequence of times. An int, a numpy integer or a one-element integer tensor.
+        grid: "uniform" | "logsnr" | "edm" | "quadratic" | a decreasing sequence of path times (real; a complex
+            grid is refused); None takes the path's default (``path.default_grid``).
+        seed: keys all noise per global sample, so sample b is the same in any batch. None (the default): a
+            fresh 64-bit key drawn from torch's global CPU generator (``seed=torch.default_generator``), so two
+            calls give new samples, as ``torch.randn`` does, and ``torch.manual_seed(s)`` makes a run
+            repeatable; the key used is ``info["seed"]`` (``return_info=True``): pass it back as ``seed=`` to
+            redraw the same samples. An int (a numpy integer, a one-element integer tensor): that key, the
+            same samples on every call, whatever the global generator. A torch.Generator: a 64-bit key drawn
+            from it (two 32-bit ``torch.randint`` words on its device): the same generator state gives the
+            same samples, and the draw advances the generator, as any torch sampling call does.
         generator: a torch.Generator, the same as ``seed=generator`` (the name torch users expect).
-        t_max, t_min: the time range (default: the path's sampling range).
-        dtype, device: of the state when a shape is given (float32 default; float64 for verification).
+        t_max, t_min: the time range (default: the path's sampling range); a number, a numpy scalar or a
+            one-element real tensor.
+        dtype, device: of the state when a shape is given (float32 default; float64 for verification). The
+            device defaults to torch's default device (the CPU unless ``torch.set_default_device`` says
+            otherwise); every tensor flowsolve makes for the run (seed, step index, tables, times, initial
+            noise) goes to the state's device, the planning to the CPU.
         backend: "auto" | "torch" | "triton" (see ``flowsolve.kernels.backend``).
         sample_offset: global index of the first sample of this batch (for sharding).
         return_trajectory: also return the list of states at every grid point.
-        return_info: also return a dict with ``nfe`` (counted model calls), ``grid`` and ``solver``.
+        return_info: also return a dict with ``nfe`` (counted model calls), ``grid``, ``solver`` and ``seed``
+            (the int key of the noise; None when ``seed=None`` and the run draws no noise: a deterministic
+            solver from a given x(t_max) draws no key and leaves the global generator alone).
         progress: show a tqdm progress bar (one tick per step; per accepted step for adaptive solvers); True or
             a dict of tqdm keyword arguments (e.g. ``{"file": f}``).
         callback: ``callback(step=n, t=t_next, x=x, denoised=x0)`` after each step (x is the live state: clone
@@ -492,7 +515,12 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
         check_finite: check the initial state and every model output for NaN/inf (syncs once per evaluation);
             default: the model's flag.
         check_independence: before the loop, run ``fs.check_model(model, x, t_max)`` (two model calls, not
-            counted in NFE): a ValueError names the samples whose outputs depend on another sample.
+            counted in NFE): a ValueError names the samples whose outputs depend on another sample, or says
+            that the model changed x in place.
+        check_inplace: check after EVERY model call that the model left its input x unchanged (a ValueError
+            naming the step and the fix, clone x in the model): the model receives the solver's live state, and
+            an in-place update would silently corrupt the run. One state copy, one comparison and one host
+            sync per call: a debugging aid, off by default, refused with ``cuda_graph``.
         rtol, atol: tolerances of an adaptive solver (``fs.solvers()`` marks them ``adaptive``); an error
             for fixed-step solvers. Default: the solver's own (1e-5).
         cuda_graph: record the whole loop as a CUDA graph and replay it (``flowsolve.cuda_graph``); fixed-step
@@ -504,6 +532,11 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
     graph). A float32 state whose grid reaches a time below float32's normal range, or whose planned
     coefficients exceed it, is refused with the fix (raise t_min or sample in float64).
 
+    An exception raised by the model mid-run propagates unchanged (its type, arguments and traceback) with a
+    note saying where: ``flowsolve: raised by the model at step n of N (t=..., evaluation k of the step)``
+    (adaptive solvers: the time and the evaluation number). Notes (PEP 678) need Python >= 3.11; on 3.10 the
+    exception is wrapped in a RuntimeError with that text, chained from the original.
+
     Returns: x(t_min) [, trajectory] [, info], in that order. For an adaptive solver ``info`` also has
     ``steps`` (accepted), ``rejected`` and ``grid`` (the accepted times).
     """
@@ -511,4 +544,4 @@ def sample(model: Model, noise_or_shape, solver="heun", steps: int | None = None
     return sampler.sample(noise_or_shape, seed=seed, generator=generator, dtype=dtype, device=device, backend=backend,
                           sample_offset=sample_offset, return_trajectory=return_trajectory, return_info=return_info,
                           progress=progress, callback=callback, check_finite=check_finite,
-                          check_independence=check_independence, cuda_graph=cuda_graph)
+                          check_independence=check_independence, check_inplace=check_inplace, cuda_graph=cuda_graph)

@@ -55,7 +55,9 @@ import numbers
 
 import torch
 
-from .kernels import STREAM_STEP, lincomb, normal_, resolve_backend, seed_tensor
+from .checks import as_times, check_sample_offset
+from .kernels import STREAM_STEP, lincomb, normal_, resolve_backend
+from .kernels.seed import resolve_seed, seed_tensor, seed_value
 
 __all__ = ["sdeint", "SDE_SOLVERS", "NOISE_TYPES"]
 
@@ -70,10 +72,7 @@ def _closest(name, choices):
 
 
 def _grid(t) -> torch.Tensor:
-    try:
-        g = torch.as_tensor(t.detach() if isinstance(t, torch.Tensor) else t, dtype=torch.float64).cpu()
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"t must be a 1-D sequence or tensor of times; got {type(t).__name__}.") from e
+    g = as_times("t", t, "a 1-D sequence or tensor of times")
     if g.dim() != 1 or g.numel() < 2:
         raise ValueError(f"t must be a 1-D sequence of at least 2 times (start, ..., end); got shape {tuple(g.shape)}.")
     if not bool(torch.isfinite(g).all()):
@@ -182,7 +181,7 @@ class _Diffusion:
         return g.expand(x.shape)
 
 
-def sdeint(f, g, x0: torch.Tensor, t, solver: str = "euler_maruyama", *, seed=0, noise: str = "diagonal",
+def sdeint(f, g, x0: torch.Tensor, t, solver: str = "euler_maruyama", *, seed=None, noise: str = "diagonal",
            sample_offset: int = 0, backend=None, return_info: bool = False):
     """Integrate the Ito SDE ``dx = f(x, t) dt + g(x, t) dW`` from ``x0`` at ``t[0]`` over the grid ``t``.
 
@@ -194,13 +193,15 @@ def sdeint(f, g, x0: torch.Tensor, t, solver: str = "euler_maruyama", *, seed=0,
         t: strictly monotone 1-D sequence of times (increasing, or decreasing to integrate backward, with noise
             variance |h| per step). The scheme steps exactly on it.
         solver: ``"euler_maruyama"`` (weak order 1) or ``"heun"`` (weak order 2 for additive noise; Ito).
-        seed: int, torch.Generator or one-element int64 tensor keying the noise.
+        seed: int (numpy integers too), torch.Generator or one-element integer tensor keying the noise; None (the
+            default) draws a fresh 64-bit key from torch's global CPU generator, so each call gives new paths and
+            ``torch.manual_seed`` makes it repeatable (the key is ``info["seed"]``).
         noise: ``"diagonal"`` (an independent Brownian motion per element) or ``"scalar"`` (one per sample).
         sample_offset: global index of ``x0[0]`` (for sharded batches): the noise of sample b is keyed by
             ``b + sample_offset``.
         backend: "auto" | "torch" | "triton" (see ``flowsolve.kernels.backend``).
         return_info: also return a dict with ``nfe`` (f evaluations), ``nfe_g`` (g evaluations), ``steps``,
-            ``solver``, ``noise`` and ``grid`` (float64).
+            ``solver``, ``noise``, ``grid`` (float64) and ``seed`` (the int key used).
 
     Returns: the states at every time of ``t``, ``[len(t), *x0.shape]`` (the first is ``x0``), and the info dict
     if ``return_info``.
@@ -215,12 +216,12 @@ def sdeint(f, g, x0: torch.Tensor, t, solver: str = "euler_maruyama", *, seed=0,
     if not isinstance(noise, str) or noise not in NOISE_TYPES:
         raise ValueError(f"noise={noise!r} is not one of {NOISE_TYPES} ('diagonal': one Brownian motion per element; "
                          f"'scalar': one per sample).{_closest(noise, NOISE_TYPES)}")
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-        raise ValueError(f"sample_offset={sample_offset!r} must be a non-negative int (the global index of x0[0]).")
+    sample_offset = check_sample_offset(sample_offset, "x0[0]")
     x0 = _state(x0)
     grid = _grid(t)
     dev = x0.device
     be = resolve_backend(backend, dev)
+    seed = resolve_seed(seed)  # None: a fresh key from the global generator, drawn after the argument checks
     seed_t = seed_tensor(seed, dev)
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
 
@@ -264,6 +265,7 @@ def sdeint(f, g, x0: torch.Tensor, t, solver: str = "euler_maruyama", *, seed=0,
             lincomb(x_next, [pred, fx, fp], corr, step, backend=be)
         step.add_(1)
     if return_info:
-        return out, {"nfe": nfe, "nfe_g": nfe_g, "steps": n_steps, "solver": solver, "noise": noise, "grid": grid}
+        return out, {"nfe": nfe, "nfe_g": nfe_g, "steps": n_steps, "solver": solver, "noise": noise, "grid": grid,
+                     "seed": seed_value(seed)}
     return out
 

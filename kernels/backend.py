@@ -81,7 +81,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Return ``"torch"`` or ``"triton"`` for tensors on ``device``; raise a clear error if impossible."""
     if backend is None:
         backend = os.environ.get("FLOWSOLVE_BACKEND", "auto") or "auto"
-    if backend not in BACKENDS:
+        if backend not in BACKENDS:
+            raise ValueError(f"the environment variable FLOWSOLVE_BACKEND={backend!r} is not one of {BACKENDS}; set "
+                             f"it to one of them or unset it (or pass backend= explicitly, which takes precedence).")
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; pass backend='auto' (or set FLOWSOLVE_BACKEND).")
     device = torch.device(device)
     if backend == "auto":
