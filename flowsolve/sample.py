@@ -28,6 +28,10 @@ class Run:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.tables = {k: v.to(device=x.device, dtype=acc) for k, v in plan.tables.items()}
         self.t_eval = plan.t_eval.to(device=x.device, dtype=x.dtype)
+        # the model's [B] time vector of every evaluation, laid out once: step n, column c is a view
+        # (no index_select, no fill per evaluation; a model that writes into t changes only its own row)
+        b = x.shape[0] if x.dim() > 0 else 1
+        self._t_rows = self.t_eval.unsqueeze(-1).expand(*self.t_eval.shape, b).contiguous()
         self.step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
         self.seed = seed
         self.nfe = 0
@@ -38,10 +42,9 @@ class Run:
         # read as Python floats by the Python step number instead of through the device step index (same values;
         # a few tensor ops fewer per step, most of a small batch's cost). CUDA, Triton and torch.compile keep the
         # device-index path that CUDA graphs and fullgraph tracing need.
-        self._host_rows = self._host_t = None
+        self._host_rows = None
         if host_coefficients and x.device.type == "cpu" and backend == "torch" and not torch.compiler.is_compiling():
             self._host_rows = {k: v.tolist() for k, v in self.tables.items()}
-            self._host_t = self.t_eval.tolist()
         # the x0 prediction of the first evaluation of each step, for callback(..., denoised=): planned only when
         # a callback asks for it (float64 conversion rows per evaluation column, moved to the device once)
         self.denoised: torch.Tensor | None = None
@@ -62,13 +65,27 @@ class Run:
             self._buffers[name] = torch.empty_like(self.x)
         return self._buffers[name]
 
+    def _slot(self, key: str, depth: int) -> torch.Tensor:
+        hist = self._history.setdefault(key, [])
+        return hist.pop() if len(hist) >= depth else torch.empty_like(self.x)
+
     def push(self, key: str, depth: int, inputs, table: str) -> torch.Tensor:
         """Write ``combine(inputs, table)`` into history ``key`` as its newest entry (lag 0), keeping
         ``depth`` entries: the oldest buffer is reused, so a multistep history allocates once."""
-        hist = self._history.setdefault(key, [])
-        slot = hist.pop() if len(hist) >= depth else torch.empty_like(self.x)
+        slot = self._slot(key, depth)
         self.combine(slot, inputs, table)
-        hist.insert(0, slot)
+        self._history[key].insert(0, slot)
+        return slot
+
+    def push_update(self, key: str, depth: int, out: torch.Tensor, inputs, table: str, push_table: str,
+                    noise: bool = False, stream: int = STREAM_STEP) -> torch.Tensor:
+        """One launch for a multistep step: ``out = combine(inputs, table)`` (with noise if asked) and, in the
+        same pass, the new history entry ``combine(inputs, push_table)`` of ``key`` (``push_table`` has no noise
+        column). ``inputs`` may hold history entries (read before the push) but never the slot the push reuses
+        (the oldest of ``depth``): callers read lags up to ``depth - 2``. Returns the new entry."""
+        slot = self._slot(key, depth)
+        self.combine(out, inputs, table, noise=noise, stream=stream, out2=slot, table2=push_table)
+        self._history[key].insert(0, slot)
         return slot
 
     def past(self, key: str, lag: int) -> torch.Tensor:
@@ -77,10 +94,9 @@ class Run:
 
     def evaluate(self, x: torch.Tensor, col: int) -> torch.Tensor:
         """The raw model output at the planned time ``t_eval[step, col]``, as a [B] time tensor."""
-        if self._host_t is not None and not torch.compiler.is_compiling():
-            t = torch.full((x.shape[0],), self._host_t[self._n][col], dtype=self.t_eval.dtype, device=x.device)
-        else:
-            t = self.t_eval.index_select(0, self.step_index).select(1, col).expand(x.shape[0])
+        t = self._t_rows[self._n, col]
+        if t.shape[0] != x.shape[0]:  # an evaluation at a batch other than the state's (guidance doubles it)
+            t = t[:1].expand(x.shape[0])
         try:
             out = self.model(x, t)  # Model.__call__ casts a half-precision output to x's (the state's) dtype
         except Exception as e:  # the same exception, with where it happened (a RuntimeError on Python 3.10)
@@ -97,15 +113,19 @@ class Run:
             )
         return out
 
-    def combine(self, out: torch.Tensor, inputs, table: str, noise: bool = False, stream: int = STREAM_STEP) -> torch.Tensor:
+    def combine(self, out: torch.Tensor, inputs, table: str, noise: bool = False, stream: int = STREAM_STEP,
+                out2: torch.Tensor | None = None, table2: str | None = None) -> torch.Tensor:
         """``out = sum_i C[step, i] inputs[i] (+ C[step, K] z)`` with the fused kernel; a solver drawing
-        several noises in one step gives each its own ``stream`` (STREAM_STEP + 8, + 9, ...)."""
+        several noises in one step gives each its own ``stream`` (STREAM_STEP + 8, + 9, ...). ``out2``/``table2``:
+        a second, noise-free output of the same inputs, written in the same launch."""
+        c2 = None if table2 is None else self.tables[table2]
         if self._host_rows is not None and not torch.compiler.is_compiling():
             return lincomb_torch(out, inputs, self.tables[table], self.step_index, self.seed if noise else None,
                                  sample_offset=self.sample_offset, stream=stream,
-                                 host_row=self._host_rows[table][self._n])
+                                 host_row=self._host_rows[table][self._n], out2=out2, coef2=c2,
+                                 host_row2=None if table2 is None else self._host_rows[table2][self._n])
         return lincomb(out, inputs, self.tables[table], self.step_index, self.seed if noise else None,
-                       sample_offset=self.sample_offset, stream=stream, backend=self.backend)
+                       sample_offset=self.sample_offset, stream=stream, backend=self.backend, out2=out2, coef2=c2)
 
     def advance(self):
         self.step_index.add_(1)

@@ -81,6 +81,22 @@ def table(*columns: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Te
     return torch.stack(cols, dim=1)
 
 
+def fused_x0_tables(cx, coef, a, b, max_order: int, noise=None) -> dict:
+    """The tables of a data-prediction multistep step made in ONE launch (``Run.push_update``).
+
+    The update ``x_{n+1} = cx x_n + sum_j coef[:, j] x0_{n-j} (+ noise)`` with the new prediction
+    ``x0_n = a x_n + b F`` (F the raw model output) folded in: for order k, ``f{k}`` weighs the inputs
+    (x_n, F, x0_{n-1}, ..., x0_{n-k+1}) with (cx + c_0 a, c_0 b, c_1, ..., c_{k-1}) and ``h{k}`` writes x0_n
+    = (a, b, 0, ..., 0) over the same inputs into the history (no noise column). Folded in float64 here."""
+    tables = {}
+    for k in range(1, max_order + 1):
+        c0 = coef[:, 0]
+        tables[f"f{k}"] = table(cx + c0 * a, c0 * b, *[coef[:, j] for j in range(1, k)], noise=noise)
+        zero = torch.zeros_like(a)
+        tables[f"h{k}"] = table(a, b, *[zero] * (k - 1))[:, :-1]
+    return tables
+
+
 class Solver:
     """Base class; subclasses set ``info`` and implement ``plan`` and ``step``."""
 
@@ -112,16 +128,14 @@ class X0Multistep(Solver):
         each step (Python ints); ``noise``: the per-step noise coefficient (or None)."""
         t0 = grid[:-1]
         a, b = model.conversion("x0", t0)
-        tables = {"x0": table(a, b)}
-        for k in range(1, self.max_order + 1):
-            tables[f"o{k}"] = table(cx, *[coef[:, j] for j in range(k)], noise=noise)
+        tables = fused_x0_tables(cx, coef, a, b, self.max_order, noise)
         return Plan(grid, tables, t0[:, None], [1] * t0.numel(), {"orders": orders})
 
     def step(self, run, n: int) -> None:
         x = run.x
-        run.push("x0", self.max_order, [x, run.evaluate(x, 0)], "x0")
         k = run.plan.flags["orders"][n]
-        run.combine(x, [x, *[run.past("x0", j) for j in range(k)]], f"o{k}", noise=True)
+        past = [run.past("x0", j) for j in range(k - 1)]  # x0_{n-1}, ... (read before the push)
+        run.push_update("x0", self.max_order, x, [x, run.evaluate(x, 0), *past], f"f{k}", f"h{k}", noise=True)
 
 
 class AdaptiveSolver(Solver):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Plan, Solver, SolverInfo, register, table
+from .base import Plan, Solver, SolverInfo, fused_x0_tables, register, table
 
 
 def multistep_orders(h: torch.Tensor, max_order: int, lower_order_final: bool = True) -> list[int]:
@@ -105,9 +105,7 @@ class _MultistepDPMpp(Solver):
         path = model.path
         ratio, coef_m, orders = multistep_x0_coefficients(path, grid, self.max_order, self.lower_order_final)
         a, b = model.conversion("x0", grid[:-1])
-        tables = {"x0": table(a, b)}
-        for k in range(1, self.max_order + 1):
-            tables[f"o{k}"] = table(ratio, *[coef_m[:, j] for j in range(k)])
+        tables = {"x0": table(a, b), **fused_x0_tables(ratio, coef_m, a, b, self.max_order)}
         t_eval = torch.full((grid.numel() - 1, 2), float("nan"), dtype=torch.float64)
         t_eval[:, 0] = grid[:-1]
         evals = [1] * (grid.numel() - 1)
@@ -134,13 +132,14 @@ class _MultistepDPMpp(Solver):
 
     def step(self, run, n: int) -> None:
         x = run.x
-        run.push("x0", self.max_order, [x, run.evaluate(x, 0)], "x0")
         if n == 0 and run.plan.flags["singlestep_first"]:
+            run.push("x0", self.max_order, [x, run.evaluate(x, 0)], "x0")
             u = run.combine(run.buffer("u"), [x, run.past("x0", 0)], "s2_u")
             run.combine(x, [x, u, run.evaluate(u, 1)], "s2_out")
             return
         k = run.plan.flags["orders"][n]
-        run.combine(x, [x, *[run.past("x0", j) for j in range(k)]], f"o{k}")
+        past = [run.past("x0", j) for j in range(k - 1)]  # m_1, ... (read before the push)
+        run.push_update("x0", self.max_order, x, [x, run.evaluate(x, 0), *past], f"f{k}", f"h{k}")
 
 
 @register

@@ -205,7 +205,11 @@ class UniPC(Solver):
         tables["x0_end"] = table(a1, b1)
         for k in range(1, self.order + 1):
             tables[f"p{k}"] = table(ratio, *[pred[:, j] for j in range(k)])  # inputs (x, m_0..m_{k-1})
-            tables[f"c{k}"] = table(ratio, *[corr[:, j] for j in range(k + 1)])  # (x, m_t, m_0..m_{k-1})
+            # the corrector with the new history entry m_t = a1 u + b1 F folded in, over (x, u, F, m_0..m_{k-1}):
+            # one launch writes the corrected state and m_t (Run.push_update)
+            c0 = corr[:, 0]
+            tables[f"c{k}"] = table(ratio, c0 * a1, c0 * b1, *[corr[:, j] for j in range(1, k + 1)])
+            tables[f"m{k}"] = table(zeros, a1, b1, *[zeros] * k)[:, :-1]
         t_eval = torch.full((n, 2), float("nan"), dtype=torch.float64)
         t_eval[0, 0] = grid[0]
         t_eval[:-1, 1] = grid[1:-1]
@@ -228,9 +232,9 @@ class UniPC(Solver):
             run.push("x0", depth, [x, run.evaluate(x, 1)], "x0_end")
             return
         u = run.combine(run.buffer("pred"), [x, *hist], f"p{k}")
-        # depth = p + 1 > k: the slot push reuses is never one of hist
-        m_t = run.push("x0", depth, [u, run.evaluate(u, 1)], "x0_end")
-        run.combine(x, [x, m_t, *hist], f"c{k}")
+        # one launch: the corrected state and the new entry m_t = x0(u, t_{n+1}); depth = p + 1 > k, so the slot
+        # the push reuses is never one of hist
+        run.push_update("x0", depth, x, [x, u, run.evaluate(u, 1), *hist], f"c{k}", f"m{k}")
 
 
 def _fixed(order: int, variant: str):
