@@ -118,7 +118,7 @@ class _DiffusersModel:
         self.fn, self.sched, self.index = fn, scheduler, 0
 
     def __call__(self, x_in, timestep):
-        sigma = self.sched.sigmas[self.index].reshape(1).to(x_in.dtype)
+        sigma = self.sched.sigmas[self.index].reshape(1).to(device=x_in.device, dtype=x_in.dtype)
         x = x_in * (1.0 + sigma * sigma).sqrt()
         return self.fn(x, sigma.expand(x.shape[0]))
 
@@ -214,6 +214,44 @@ def compare(fn, shape, solver: str, steps: int, K, repeats: int, min_time: float
     return row
 
 
+# ---------------------------------------------------------------------------------------------- stochastic
+# ours -> the k-diffusion sampler of the same kind and cost class it is timed against
+STOCHASTIC = {"euler_maruyama": "sample_euler_ancestral", "ancestral": "sample_euler_ancestral",
+              "dpm++2m-sde": "sample_dpmpp_2m_sde", "er-sde-3": "sample_dpmpp_2m_sde", "restart": "sample_euler_ancestral"}
+
+
+def k_diffusion_stochastic(K, fn, name: str, sigmas: torch.Tensor):
+    """k-diffusion's sampler with a plain Gaussian noise sampler (``randn_like`` per step; not the Brownian tree, so
+    that the comparison is of the loops, as its default for sample_euler_ancestral)."""
+    sampler = getattr(K, name)
+
+    def run(x_T):
+        kw = {"noise_sampler": lambda sigma, sigma_next: torch.randn_like(x_T)} if name == "sample_dpmpp_2m_sde" else {}
+        return sampler(fn, x_T.clone(), sigmas.to(x_T.dtype), disable=True, **kw)
+
+    return run
+
+
+def compare_stochastic(fn, shape, solver: str, steps: int, K, repeats: int, min_time: float, seed: int = 0) -> dict:
+    """Whole-loop time of our stochastic ``solver`` (planned ``fs.Sampler``, keyed in-kernel noise) against k-diffusion's
+    sampler of the same kind on the same sigmas; NFE counted by wrapping the model; ratios of loop time and of loop
+    time per NFE (restart makes more evaluations per step)."""
+    sigmas = karras_sigmas(steps)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * float(sigmas[0])
+    kd_name = STOCHASTIC[solver]
+    counted_ours, counted_kd = Counted(fn), Counted(fn)
+    fs.Sampler(edm_model(counted_ours), solver, grid=sigmas.tolist()).sample(x_T, seed=seed)
+    k_diffusion_stochastic(K, counted_kd, kd_name, sigmas)(x_T)
+    sampler = fs.Sampler(edm_model(fn), solver, grid=sigmas.tolist())
+    kd = k_diffusion_stochastic(K, fn, kd_name, sigmas)
+    timed = interleaved({"ours": lambda: sampler.sample(x_T, seed=seed), "k-diffusion": lambda: kd(x_T)}, "cpu",
+                        repeats, min_time)
+    ours_s, kd_s = timed["ours"]["median_s"], timed["k-diffusion"]["median_s"]
+    n_o, n_k = counted_ours.calls, counted_kd.calls
+    return {"solver": solver, "k_diffusion": kd_name, "shape": list(shape), "steps": steps, "nfe": n_o, "kd_nfe": n_k,
+            "ours_s": ours_s, "kd_s": kd_s, "loop_ratio": ours_s / kd_s, "per_nfe_ratio": (ours_s / n_o) / (kd_s / n_k)}
+
+
 # ---------------------------------------------------------------------------------------------- likelihood
 def likelihood_cost(shapes, batch: int, steps: int, repeats: int, min_time: float) -> list:
     """Hutchinson log-likelihood (1 Rademacher probe, heun) against the bare ODE solve, same steps and model."""
@@ -262,9 +300,19 @@ def markdown(res) -> str:
             f"{env['torch_threads']} torch threads, load {env['loadavg_1min']:.1f}), float32, torch {env['torch']}, "
             f"{res['steps']} steps on diffusers' Karras sigmas, medians of {res['repeats']} interleaved rounds. "
             f"Overhead per step = (loop - NFE x model) / steps." + (" (--quick smoke run)" if res.get("quick") else ""))
-    parts = [head, "", table(res["analytic"], "Analytic Gaussian denoiser")]
+    parts = [head] + (["", table(res["analytic"], "Analytic Gaussian denoiser")] if res["analytic"] else [])
     if res.get("mlp"):
         parts += ["", table(res["mlp"], "MLP denoiser (3 layers, width 256)")]
+    if res.get("stochastic"):
+        parts += ["", "### Stochastic samplers: ours (keyed in-kernel noise) vs k-diffusion (plain `randn_like` noise)", "",
+                  "Analytic Gaussian denoiser. Loop ratio = our whole loop / k-diffusion's; per-NFE ratio divides each by "
+                  "its counted NFE (restart evaluates more per step).", "",
+                  "| ours | k-diffusion | shape | NFE ours / k-diff. | ours (ms) | k-diffusion (ms) | loop ratio | per-NFE ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["stochastic"]:
+            parts.append(f"| {r['solver']} | {r['k_diffusion']} | {'x'.join(map(str, r['shape']))} | {r['nfe']} / "
+                         f"{r['kd_nfe']} | {1e3 * r['ours_s']:.3f} | {1e3 * r['kd_s']:.3f} | {r['loop_ratio']:.2f} | "
+                         f"{r['per_nfe_ratio']:.2f} |")
     if res.get("likelihood"):
         parts += ["", "### Hutchinson log-likelihood vs bare ODE (heun, MLP velocity, rectified flow)", "",
                   "| shape | batch | steps | ODE (ms) | log-likelihood (ms) | ratio |", "|---|---|---|---|---|---|"]
@@ -282,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; --quick: 3)")
     p.add_argument("--min-time", type=float, default=0.02)
     p.add_argument("--no-mlp", action="store_true")
+    p.add_argument("--no-stochastic", action="store_true", help="skip the stochastic samplers vs k-diffusion")
+    p.add_argument("--only-stochastic", action="store_true", help="only the stochastic samplers vs k-diffusion")
     p.add_argument("--no-likelihood", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench/results")
@@ -306,8 +356,14 @@ def main(argv=None) -> int:
         res["environment"]["diffusers"] = diffusers.__version__
     except ImportError:
         raise SystemExit("bench loop needs diffusers (its Karras sigmas define the common grid): pip install diffusers")
+    if args.only_stochastic:
+        args.no_mlp = args.no_likelihood = True
+        solvers = []
     res["analytic"] = [compare(gaussian_denoiser, shape, s, args.steps, K, repeats, min_time)
                        for shape in shapes for s in solvers]
+    if not args.no_stochastic and K is not None:
+        res["stochastic"] = [compare_stochastic(gaussian_denoiser, shape, s, args.steps, K, repeats, min_time)
+                             for shape in shapes for s in STOCHASTIC]
     if not args.no_mlp:
         mlp_shapes = shapes[:2]
         res["mlp"] = [compare(mlp_denoiser(shape[1:]), shape, s, args.steps, K, repeats, min_time)

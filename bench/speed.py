@@ -279,8 +279,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10,12,14,16,18,20,22,24,26", help="comma-separated log2 element counts")
-    p.add_argument("--noise-max", type=int, default=20, help="largest log2 size for the eager keyed-noise cases "
-                   "(eager keyed Philox on CPU is slow: ~100 ns/element)")
+    p.add_argument("--noise-max", type=int, default=26, help="largest log2 size for the eager keyed-noise cases")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; --quick: 3)")
     p.add_argument("--min-time", type=float, default=0.02, help="seconds per timed sample")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

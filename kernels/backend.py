@@ -1,6 +1,6 @@
 """Backend selection: Triton kernels or their pure-torch twins.
 
-Rule (DESIGN.md, Conventions): CUDA tensors run the Triton kernels; CPU tensors run the torch
+Rule (docs/kernels.md): CUDA tensors run the Triton kernels; CPU tensors run the torch
 twins, unless ``TRITON_INTERPRET=1`` was set before triton was imported, in which case the Triton
 kernels run on CPU tensors through Triton's interpreter (how CI checks the kernel code). One switch
 forces either: the ``backend=`` argument of a launcher / ``fs.sample``, or the environment variable

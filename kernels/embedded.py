@@ -336,7 +336,8 @@ def embedded_step(out, err_norm, inputs, coef, err_coef, step, *, x_ref, rtol: f
     grid = (triton.cdiv(b, rows) * n_chunks,)
     launch(_embedded_kernel, grid, out, err_norm, part, *ptrs, x_ref, coef, coef.stride(0), err_coef,
            err_coef.stride(0), step, seed if has_noise else step, _f32(rtol), _f32(atol), stream, sample_offset, b, per,
-           n_chunks, chk, int(has_noise), K=k, ROWS=rows, BLOCK=blk, SINGLE=single, enable_fp_fusion=False)
+           n_chunks, chk, int(has_noise), K=k, ROWS=rows, BLOCK=blk, SINGLE=single, enable_fp_fusion=False,
+           num_warps=8)
     if not single:
         launch(_finish_kernel, (b,), err_norm, part, n_chunks, per, NB=_FINISH_BLOCK)
     return out, err_norm

@@ -198,7 +198,8 @@ def probes_(out: torch.Tensor, seed: torch.Tensor, *, kind: str = "rademacher", 
     rows, blk = tile_shape(per, block)
     grid, n_col_blocks = tile_grid(k * b, per, rows, blk)
     launch(_probe_kernel, grid, out, seed, sample_offset, probe_offset, b, k * b, per, n_col_blocks, KIND=_KIND[kind],
-           ROWS=rows, BLOCK=blk, enable_fp_fusion=kind != "gaussian")
+           ROWS=rows, BLOCK=blk, enable_fp_fusion=kind != "gaussian",
+           num_warps=4 if out.dtype == torch.float32 else 8)
     return out
 
 
@@ -296,7 +297,8 @@ def hutchinson_accumulate(acc, vjp, coef, step, probes=None, seed=None, *, kind=
                         f"or use backend='torch'.")
     launch(_hutchinson_kernel, (rows,), acc, vjp if regen else probes, vjp, coef, coef.stride(0), step,
            seed if regen else step, sample_offset, probe_offset, acc.shape[1], per,
-           KIND=_KIND[kind] if regen else 0, REGEN=regen, BLOCK=block, enable_fp_fusion=not (regen and kind == "gaussian"))
+           KIND=_KIND[kind] if regen else 0, REGEN=regen, BLOCK=block,
+           enable_fp_fusion=not (regen and kind == "gaussian"), num_warps=4 if acc.dtype == torch.float32 else 8)
     return acc
 
 

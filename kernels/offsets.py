@@ -1,4 +1,4 @@
-"""Index arithmetic of the elementwise kernels, in int64 (DESIGN.md, "Contracts": int64 offsets).
+"""Index arithmetic of the elementwise kernels, in int64 offsets.
 
 ``tl.program_id(0)`` is an int32; ``program_id * BLOCK`` in int32 wraps once a tensor has 2^31 elements
 (triton-lang/triton #1058, fla #1080: silently corrupted output). Every elementwise kernel here computes

@@ -570,7 +570,7 @@ def normal_(out: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, *, sample
     rows, blk = tile_shape(per, block)
     grid, n_col_blocks = tile_grid(b, per, rows, blk)
     launch(_keyed_normal_kernel, grid, out, seed, step, stream, sample_offset, b, per, n_col_blocks, ROWS=rows,
-           BLOCK=blk, enable_fp_fusion=False)
+           BLOCK=blk, enable_fp_fusion=False, num_warps=4 if out.dtype == torch.float32 else 8)
     return out
 
 
