@@ -354,7 +354,8 @@ def gaussian_eps(path, mu: float = 0.5, s2: float = 0.25):
     return eps
 
 
-def solvers_section(device, quick: bool = False) -> dict:
+def solvers_section(device, quick: bool = False, only=None) -> dict:
+    """``only``: a subset of solver names (tests run the section's code on CPU for a few)."""
     import flowsolve as fs
 
     dev = torch.device(device)
@@ -362,7 +363,7 @@ def solvers_section(device, quick: bool = False) -> dict:
     model = fs.Model(gaussian_eps(path), path, predicts="eps")
     shape = (64, 16) if quick else (1024, 16)
     rows = []
-    names = [s.name for s in fs.solvers() if not s.adaptive]
+    names = [s.name for s in fs.solvers() if not s.adaptive and (only is None or s.name in only)]
     for name in names:
         row = {"solver": name}
         try:
@@ -383,10 +384,12 @@ def solvers_section(device, quick: bool = False) -> dict:
     lik = {}
     try:
         mf = fs.Model(gaussian_eps(path), path, predicts="eps")
-        x0 = torch.randn(256, 8, generator=torch.Generator().manual_seed(2))
-        a = fs.log_likelihood(mf, x0.to(dev), solver="heun", steps=16, divergence="hutchinson", probes=2, seed=0)
-        b = fs.log_likelihood(mf, x0.double(), solver="heun", steps=16, divergence="hutchinson", probes=2, seed=0,
-                              backend="torch")
+        n_lik, steps_lik = (16, 3) if quick else (256, 16)
+        x0 = torch.randn(n_lik, 8, generator=torch.Generator().manual_seed(2))
+        a = fs.log_likelihood(mf, x0.to(dev), solver="heun", steps=steps_lik, divergence="hutchinson", probes=2,
+                              seed=0)
+        b = fs.log_likelihood(mf, x0.double(), solver="heun", steps=steps_lik, divergence="hutchinson", probes=2,
+                              seed=0, backend="torch")
         la, lb = (a[0] if isinstance(a, tuple) else a), (b[0] if isinstance(b, tuple) else b)
         lik = {"max_abs_diff_vs_cpu_float64": float((la.double().cpu() - lb).abs().max()),
                "max_abs": float(lb.abs().max())}
