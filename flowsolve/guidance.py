@@ -147,8 +147,8 @@ class CFG:
     def branches(self, x: torch.Tensor, t: torch.Tensor):
         """(cond_out, uncond_out) at (x, t): one batched call when both conditions are tensors."""
         b = x.shape[0]
-        if self.uncond is None:
-            return self._call(x, t, self.cond), self._call(x, t, None)
+        if self.uncond is None:  # two calls: own the first output before the second (a model may reuse one buffer)
+            return self._call(x, t, self.cond).clone(), self._call(x, t, None)
         out = self._call(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), _pair(self.cond, self.uncond, b))
         return out[:b], out[b:]
 

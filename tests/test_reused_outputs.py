@@ -8,9 +8,8 @@ later model call without owning a copy would read the newer output in its place.
 and reused, from the same seed on the same backend: results must be bitwise equal (same inputs to the same
 deterministic kernels; the buffer's values are those of the fresh tensor, bit for bit), on the torch twin
 (the tests' default) and, for the solvers that were restructured for this, on the Triton kernels. ``fs.odeint``
-and ``fs.log_likelihood`` get the same check. Classifier-free guidance with two separate calls
-(``fs.guidance.CFG(..., uncond=None)``) still keeps the conditional output across the unconditional call: a
-strict xfail until it is fixed there.
+and ``fs.log_likelihood`` get the same check, and so does classifier-free guidance with two separate calls
+(``fs.guidance.CFG(..., uncond=None)``, which owns its first output before the second call).
 """
 import pytest
 import torch
@@ -142,8 +141,6 @@ def test_log_likelihood_with_a_model_returning_one_reused_buffer(solver, diverge
         torch.testing.assert_close(g, f, rtol=0.0, atol=0.0, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="flowsolve/guidance.py: CFG with uncond=None calls fn twice and keeps the "
-                                       "conditional output across the unconditional call (reported; not fixed here)")
 def test_cfg_with_a_network_returning_one_reused_buffer():
     def net(x, t, cond):  # a conditional network: the condition scales its output
         return x * (2.0 if cond is not None else 0.5)
